@@ -1,0 +1,2 @@
+//! runner-provisioner: keeps CircleCI self-hosted machine runners available as
+//! KubeVirt VMs, sized to the CircleCI task queue.

@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("rp-env: not built yet");
+    std::process::exit(2);
+}

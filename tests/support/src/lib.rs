@@ -1,0 +1,11 @@
+//! Test environment for runner-provisioner: a real Kubernetes control plane
+//! (etcd, kube-apiserver, kube-controller-manager built from their Go modules)
+//! plus simulators for what cannot run here: KubeVirt and CircleCI.
+//!
+//! Dev-only: never a dependency of the operator binary.
+
+pub mod controlplane;
+pub mod guest;
+
+pub use controlplane::{ControlPlane, ControlPlaneOptions};
+pub use guest::{GuestBoot, GuestRuntime, PowerOff, TimeScale};
