@@ -1,2 +1,3 @@
 //! runner-provisioner: keeps CircleCI self-hosted machine runners available as
 //! KubeVirt VMs, sized to the CircleCI task queue.
+pub mod cloudinit;
