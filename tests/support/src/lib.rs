@@ -7,5 +7,5 @@
 pub mod controlplane;
 pub mod guest;
 
-pub use controlplane::{ControlPlane, ControlPlaneOptions};
+pub use controlplane::{ControlPlane, ControlPlaneOptions, init_crypto};
 pub use guest::{GuestBoot, GuestRuntime, PowerOff, TimeScale};
