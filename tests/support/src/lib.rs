@@ -4,6 +4,7 @@
 //!
 //! Dev-only: never a dependency of the operator binary.
 
+pub mod circleci;
 pub mod controlplane;
 pub mod guest;
 
