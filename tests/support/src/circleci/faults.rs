@@ -271,7 +271,10 @@ mod tests {
         let h: Fault =
             serde_json::from_str(r#"{"kind":{"type":"latency","ms":5},"limit":{"seconds":1.5}}"#)
                 .unwrap();
-        assert_eq!(h, Fault::latency(5).for_duration(Duration::from_millis(1500)));
+        assert_eq!(
+            h,
+            Fault::latency(5).for_duration(Duration::from_millis(1500))
+        );
         assert!(Fault::server_error(200).validate().is_err());
         assert!(Fault::server_error(503).validate().is_ok());
     }
@@ -281,7 +284,10 @@ mod tests {
         let now = Instant::now();
         let mut faults = vec![
             ActiveFault::new(Fault::latency(100).for_requests(1), now),
-            ActiveFault::new(Fault::server_error(500).for_class("a/x").for_requests(2), now),
+            ActiveFault::new(
+                Fault::server_error(500).for_class("a/x").for_requests(2),
+                now,
+            ),
             ActiveFault::new(
                 Fault::server_error(502).on_endpoint(Endpoint::RunningTasks),
                 now,
@@ -311,9 +317,19 @@ mod tests {
             Fault::malformed().for_duration(Duration::from_secs(2)),
             now,
         )];
-        let d = decide(&mut faults, None, Endpoint::RunnerList, now + Duration::from_secs(1));
+        let d = decide(
+            &mut faults,
+            None,
+            Endpoint::RunnerList,
+            now + Duration::from_secs(1),
+        );
         assert!(d.action.is_some());
-        let d = decide(&mut faults, None, Endpoint::RunnerList, now + Duration::from_secs(3));
+        let d = decide(
+            &mut faults,
+            None,
+            Endpoint::RunnerList,
+            now + Duration::from_secs(3),
+        );
         assert!(d.action.is_none());
         assert!(faults.is_empty());
     }

@@ -115,7 +115,10 @@ impl fmt::Debug for CircleCiSimConfig {
             .field("concurrency_limit", &self.concurrency_limit)
             .field("runner_retention", &self.runner_retention)
             .field("bind", &self.bind)
-            .field("api_tokens", &format!("<{} redacted>", self.api_tokens.len()))
+            .field(
+                "api_tokens",
+                &format!("<{} redacted>", self.api_tokens.len()),
+            )
             .field("resource_classes", &self.resource_classes)
             .finish()
     }

@@ -112,10 +112,7 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
             get(control_requests).delete(control_reset_requests),
         )
         .route("/requests/log", get(control_request_log))
-        .route(
-            "/settings",
-            get(control_settings).put(control_put_settings),
-        )
+        .route("/settings", get(control_settings).put(control_put_settings))
         .route("/clock", get(control_clock))
         .route("/reset", post(control_reset));
     Router::new()
@@ -153,7 +150,8 @@ fn query_params(query: Option<&str>) -> HashMap<String, String> {
     let mut out = HashMap::new();
     for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         if !v.trim().is_empty() {
-            out.entry(k.into_owned()).or_insert_with(|| v.trim().to_string());
+            out.entry(k.into_owned())
+                .or_insert_with(|| v.trim().to_string());
         }
     }
     out

@@ -100,7 +100,11 @@ pub(crate) enum RunnerFilter {
 /// Result of an agent's claim attempt.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Claim {
-    Got { task: TaskId, serial: u64, duration: Duration },
+    Got {
+        task: TaskId,
+        serial: u64,
+        duration: Duration,
+    },
     Wait,
     Gone,
 }
@@ -471,7 +475,8 @@ impl SimState {
         self.running_total = 0;
         self.faults.clear();
         self.reset_requests();
-        self.agents.retain(|_, a| a.info.state != AgentState::Exited);
+        self.agents
+            .retain(|_, a| a.info.state != AgentState::Exited);
         for a in self.agents.values_mut() {
             a.running_serial = None;
         }
@@ -549,17 +554,32 @@ mod tests {
             ..settings()
         });
         let now = SystemTime::now();
-        s.enqueue(&EnqueueRequest::new("a/x", Duration::from_secs(5)).count(2), 0.0)
-            .unwrap();
+        s.enqueue(
+            &EnqueueRequest::new("a/x", Duration::from_secs(5)).count(2),
+            0.0,
+        )
+        .unwrap();
         let a = agent(&mut s, "vm-0", "a/x");
         let b = agent(&mut s, "vm-1", "a/x");
         assert!(matches!(s.try_claim(a, 1.0, now), Claim::Got { .. }));
         assert_eq!(s.try_claim(b, 1.0, now), Claim::Wait);
-        assert_eq!(s.counts("a/x"), Counts { unclaimed: 1, running: 1 });
+        assert_eq!(
+            s.counts("a/x"),
+            Counts {
+                unclaimed: 1,
+                running: 1
+            }
+        );
         let serial = s.agents[&a].running_serial.unwrap();
         assert!(s.finish(a, serial, true, 6.0, now));
         assert!(matches!(s.try_claim(b, 6.0, now), Claim::Got { .. }));
-        assert_eq!(s.counts("a/x"), Counts { unclaimed: 0, running: 1 });
+        assert_eq!(
+            s.counts("a/x"),
+            Counts {
+                unclaimed: 0,
+                running: 1
+            }
+        );
     }
 
     #[test]
@@ -568,14 +588,25 @@ mod tests {
         let now = SystemTime::now();
         let a = agent(&mut s, "vm-0", "acme/linux");
         agent(&mut s, "vm-1", "other/linux");
-        assert_eq!(s.runners(&RunnerFilter::Class("acme/linux".into()), 1.0, now).len(), 1);
-        assert_eq!(s.runners(&RunnerFilter::Namespace("acme".into()), 1.0, now).len(), 1);
+        assert_eq!(
+            s.runners(&RunnerFilter::Class("acme/linux".into()), 1.0, now)
+                .len(),
+            1
+        );
+        assert_eq!(
+            s.runners(&RunnerFilter::Namespace("acme".into()), 1.0, now)
+                .len(),
+            1
+        );
         assert_eq!(s.runners(&RunnerFilter::All, 1.0, now).len(), 2);
         assert!(s.exit(a, ExitReason::IdleTimeout, 10.0, now));
         let listed = s.runners(&RunnerFilter::Namespace("acme".into()), 69.0, now);
         assert_eq!(listed.len(), 1, "kept for the retention period");
         assert_eq!(listed[0].last_used, None);
-        assert!(s.runners(&RunnerFilter::Namespace("acme".into()), 71.0, now).is_empty());
+        assert!(
+            s.runners(&RunnerFilter::Namespace("acme".into()), 71.0, now)
+                .is_empty()
+        );
     }
 
     #[test]

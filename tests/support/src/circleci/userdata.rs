@@ -153,7 +153,11 @@ pub fn runner_config_file(user_data: Option<&str>) -> Result<String, UserDataErr
     }
 }
 
-fn opt_str<'a>(doc: &'a Value, section: &str, key: &'static str) -> Result<Option<&'a str>, RunnerConfigError> {
+fn opt_str<'a>(
+    doc: &'a Value,
+    section: &str,
+    key: &'static str,
+) -> Result<Option<&'a str>, RunnerConfigError> {
     match doc.get(section).and_then(|s| s.get(key)) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.as_str())),
@@ -213,9 +217,9 @@ pub fn go_duration(d: Duration) -> String {
     let secs = d.as_secs();
     if d.subsec_nanos() != 0 {
         format!("{}ms", d.as_millis())
-    } else if secs != 0 && secs % 3600 == 0 {
+    } else if secs != 0 && secs.is_multiple_of(3600) {
         format!("{}h", secs / 3600)
-    } else if secs != 0 && secs % 60 == 0 {
+    } else if secs != 0 && secs.is_multiple_of(60) {
         format!("{}m", secs / 60)
     } else {
         format!("{secs}s")
@@ -326,7 +330,8 @@ mod tests {
             RunnerConfig::parse("api: {auth_token: t}\nrunner: {mode: once}\n").unwrap_err(),
             RunnerConfigError::BadMode
         );
-        let cfg = RunnerConfig::parse("api: {auth_token: t}\nrunner: {idle_timeout: 0s}\n").unwrap();
+        let cfg =
+            RunnerConfig::parse("api: {auth_token: t}\nrunner: {idle_timeout: 0s}\n").unwrap();
         assert_eq!(cfg.idle_timeout, None);
         assert_eq!(cfg.url, DEFAULT_RUNNER_API_URL);
         assert!(!format!("{cfg:?}").contains("auth_token: \"t\""));
