@@ -42,388 +42,388 @@ umask 077
 set -u
 
 log() {
-	printf 'runner-provisioner: %s\n' "$*"
+    printf 'runner-provisioner: %s\n' "$*"
 }
 
 # A fatal error: say why on the console, power off, stop here.
 fatal() {
-	log "FATAL: $*" >&2
-	# cloud-init usually copies our output to the console; make sure anyway.
-	if [ -w /dev/console ]; then
-		printf 'runner-provisioner: FATAL: %s\n' "$*" >/dev/console 2>/dev/null || true
-	fi
-	power_off
-	exit 1
+    log "FATAL: $*" >&2
+    # cloud-init usually copies our output to the console; make sure anyway.
+    if [ -w /dev/console ]; then
+        printf 'runner-provisioner: FATAL: %s\n' "$*" >/dev/console 2>/dev/null || true
+    fi
+    power_off
+    exit 1
 }
 
 power_off() {
-	log "powering off"
-	if command -v systemctl >/dev/null 2>&1 && systemctl poweroff; then
-		return 0
-	fi
-	if command -v poweroff >/dev/null 2>&1 && poweroff; then
-		return 0
-	fi
-	shutdown -h now
+    log "powering off"
+    if command -v systemctl >/dev/null 2>&1 && systemctl poweroff; then
+        return 0
+    fi
+    if command -v poweroff >/dev/null 2>&1 && poweroff; then
+        return 0
+    fi
+    shutdown -h now
 }
 
 is_word() {
-	case $1 in
-	'' | *[!A-Za-z0-9._-]*) return 1 ;;
-	*) return 0 ;;
-	esac
+    case $1 in
+    '' | *[!A-Za-z0-9._-]*) return 1 ;;
+    *) return 0 ;;
+    esac
 }
 
 is_number() {
-	case $1 in
-	'' | *[!0-9]*) return 1 ;;
-	*) return 0 ;;
-	esac
+    case $1 in
+    '' | *[!0-9]*) return 1 ;;
+    *) return 0 ;;
+    esac
 }
 
 # Reads the settings file: key=value lines, values checked, never evaluated.
 read_settings() {
-	settings="$RP_DIR/settings"
-	[ -f "$settings" ] || fatal "missing $settings (was the VM's cloud-init written by runner-provisioner?)"
-	while IFS= read -r line || [ -n "$line" ]; do
-		case $line in
-		'' | '#'*) continue ;;
-		*=*) ;;
-		*) fatal "malformed line in $settings" ;;
-		esac
-		key=${line%%=*}
-		value=${line#*=}
-		case $key in
-		install_source)
-			case $value in
-			bundle | repository) INSTALL_SOURCE=$value ;;
-			*) fatal "bad install_source in $settings" ;;
-			esac
-			;;
-		bundle_serial)
-			is_word "$value" || fatal "bad bundle_serial in $settings"
-			BUNDLE_SERIAL=$value
-			;;
-		bundle_label)
-			is_word "$value" || fatal "bad bundle_label in $settings"
-			BUNDLE_LABEL=$value
-			;;
-		bundle_wait_seconds)
-			is_number "$value" || fatal "bad bundle_wait_seconds in $settings"
-			BUNDLE_WAIT_SECONDS=$value
-			;;
-		install_timeout_seconds)
-			is_number "$value" || fatal "bad install_timeout_seconds in $settings"
-			INSTALL_TIMEOUT_SECONDS=$value
-			;;
-		*) log "ignoring unknown setting '$key'" ;;
-		esac
-	done <"$settings"
+    settings="$RP_DIR/settings"
+    [ -f "$settings" ] || fatal "missing $settings (was the VM's cloud-init written by runner-provisioner?)"
+    while IFS= read -r line || [ -n "$line" ]; do
+        case $line in
+        '' | '#'*) continue ;;
+        *=*) ;;
+        *) fatal "malformed line in $settings" ;;
+        esac
+        key=${line%%=*}
+        value=${line#*=}
+        case $key in
+        install_source)
+            case $value in
+            bundle | repository) INSTALL_SOURCE=$value ;;
+            *) fatal "bad install_source in $settings" ;;
+            esac
+            ;;
+        bundle_serial)
+            is_word "$value" || fatal "bad bundle_serial in $settings"
+            BUNDLE_SERIAL=$value
+            ;;
+        bundle_label)
+            is_word "$value" || fatal "bad bundle_label in $settings"
+            BUNDLE_LABEL=$value
+            ;;
+        bundle_wait_seconds)
+            is_number "$value" || fatal "bad bundle_wait_seconds in $settings"
+            BUNDLE_WAIT_SECONDS=$value
+            ;;
+        install_timeout_seconds)
+            is_number "$value" || fatal "bad install_timeout_seconds in $settings"
+            INSTALL_TIMEOUT_SECONDS=$value
+            ;;
+        *) log "ignoring unknown setting '$key'" ;;
+        esac
+    done <"$settings"
 }
 
 # os-release values may be quoted; IDs are lowercase words.
 os_release_value() {
-	# $1: file, $2: key
-	sed -n "s/^$2=//p" "$1" | head -n 1 | sed -e 's/^"\(.*\)"$/\1/' -e "s/^'\(.*\)'\$/\1/"
+    # $1: file, $2: key
+    sed -n "s/^$2=//p" "$1" | head -n 1 | sed -e 's/^"\(.*\)"$/\1/' -e "s/^'\(.*\)'\$/\1/"
 }
 
 family_of_id() {
-	case $1 in
-	debian | ubuntu) echo debian ;;
-	rhel | centos | almalinux | rocky | fedora) echo rhel ;;
-	*) return 1 ;;
-	esac
+    case $1 in
+    debian | ubuntu) echo debian ;;
+    rhel | centos | almalinux | rocky | fedora) echo rhel ;;
+    *) return 1 ;;
+    esac
 }
 
 # Prints "debian" or "rhel" for an os-release file; fails for anything else.
 # ID decides; ID_LIKE is the fallback (e.g. Oracle Linux: ID_LIKE="fedora").
 os_family() {
-	os_id=$(os_release_value "$1" ID | tr '[:upper:]' '[:lower:]')
-	if family_of_id "$os_id"; then
-		return 0
-	fi
-	os_like=$(os_release_value "$1" ID_LIKE | tr '[:upper:]' '[:lower:]')
-	set -f
-	for like in $os_like; do
-		if family_of_id "$like"; then
-			set +f
-			return 0
-		fi
-	done
-	set +f
-	return 1
+    os_id=$(os_release_value "$1" ID | tr '[:upper:]' '[:lower:]')
+    if family_of_id "$os_id"; then
+        return 0
+    fi
+    os_like=$(os_release_value "$1" ID_LIKE | tr '[:upper:]' '[:lower:]')
+    set -f
+    for like in $os_like; do
+        if family_of_id "$like"; then
+            set +f
+            return 0
+        fi
+    done
+    set +f
+    return 1
 }
 
 os_name() {
-	name=$(os_release_value "$1" PRETTY_NAME)
-	[ -n "$name" ] || name=$(os_release_value "$1" ID)
-	printf '%s' "${name:-unknown}"
+    name=$(os_release_value "$1" PRETTY_NAME)
+    [ -n "$name" ] || name=$(os_release_value "$1" ID)
+    printf '%s' "${name:-unknown}"
 }
 
 detect_os() {
-	OS_RELEASE=/etc/os-release
-	[ -f "$OS_RELEASE" ] || OS_RELEASE=/usr/lib/os-release
-	[ -f "$OS_RELEASE" ] || fatal "cannot detect the OS: no /etc/os-release"
-	if ! FAMILY=$(os_family "$OS_RELEASE"); then
-		fatal "unsupported OS '$(os_name "$OS_RELEASE")': runner-provisioner supports the Debian family (Debian, Ubuntu) and the RHEL family (RHEL, CentOS, AlmaLinux, Rocky Linux, Fedora)"
-	fi
-	log "OS: $(os_name "$OS_RELEASE") (family $FAMILY)"
+    OS_RELEASE=/etc/os-release
+    [ -f "$OS_RELEASE" ] || OS_RELEASE=/usr/lib/os-release
+    [ -f "$OS_RELEASE" ] || fatal "cannot detect the OS: no /etc/os-release"
+    if ! FAMILY=$(os_family "$OS_RELEASE"); then
+        fatal "unsupported OS '$(os_name "$OS_RELEASE")': runner-provisioner supports the Debian family (Debian, Ubuntu) and the RHEL family (RHEL, CentOS, AlmaLinux, Rocky Linux, Fedora)"
+    fi
+    log "OS: $(os_name "$OS_RELEASE") (family $FAMILY)"
 }
 
 # cloud-init wrote the runner config before the package exists. Keep it aside
 # so that installing the package (which ships a template config) can neither
 # overwrite it nor stop on a conffile question; it is put back afterwards.
 stash_config() {
-	mkdir -p "$RP_RUN" || fatal "cannot create $RP_RUN"
-	if [ -f "$RUNNER_CONFIG" ]; then
-		mv -f "$RUNNER_CONFIG" "$RP_RUN/circleci-runner-config.yaml" ||
-			fatal "cannot move $RUNNER_CONFIG aside"
-	elif [ ! -f "$RP_RUN/circleci-runner-config.yaml" ]; then
-		fatal "missing $RUNNER_CONFIG (cloud-init write_files)"
-	fi
+    mkdir -p "$RP_RUN" || fatal "cannot create $RP_RUN"
+    if [ -f "$RUNNER_CONFIG" ]; then
+        mv -f "$RUNNER_CONFIG" "$RP_RUN/circleci-runner-config.yaml" ||
+            fatal "cannot move $RUNNER_CONFIG aside"
+    elif [ ! -f "$RP_RUN/circleci-runner-config.yaml" ]; then
+        fatal "missing $RUNNER_CONFIG (cloud-init write_files)"
+    fi
 }
 
 run_user_data() {
-	user_data="$RP_DIR/userdata"
-	if [ ! -f "$user_data" ]; then
-		log "no userData"
-		return 0
-	fi
-	log "running userData"
-	chmod 0700 "$user_data" || fatal "cannot chmod $user_data"
-	if [ "$(head -c 2 "$user_data")" = '#!' ]; then
-		(cd / && "$user_data" </dev/null)
-	else
-		(cd / && bash "$user_data" </dev/null)
-	fi
-	status=$?
-	if [ "$status" -ne 0 ]; then
-		fatal "userData failed (exit status $status); not starting the runner"
-	fi
-	log "userData done"
+    user_data="$RP_DIR/userdata"
+    if [ ! -f "$user_data" ]; then
+        log "no userData"
+        return 0
+    fi
+    log "running userData"
+    chmod 0700 "$user_data" || fatal "cannot chmod $user_data"
+    if [ "$(head -c 2 "$user_data")" = '#!' ]; then
+        (cd / && "$user_data" </dev/null)
+    else
+        (cd / && bash "$user_data" </dev/null)
+    fi
+    status=$?
+    if [ "$status" -ne 0 ]; then
+        fatal "userData failed (exit status $status); not starting the runner"
+    fi
+    log "userData done"
 }
 
 runner_installed() {
-	case $FAMILY in
-	debian)
-		# shellcheck disable=SC2016 # ${Status} is dpkg-query's format, not ours
-		dpkg-query -W -f='${Status}' circleci-runner 2>/dev/null | grep -q ' installed$'
-		;;
-	rhel) rpm -q circleci-runner >/dev/null 2>&1 ;;
-	esac
+    case $FAMILY in
+    debian)
+        # shellcheck disable=SC2016 # ${Status} is dpkg-query's format, not ours
+        dpkg-query -W -f='${Status}' circleci-runner 2>/dev/null | grep -q ' installed$'
+        ;;
+    rhel) rpm -q circleci-runner >/dev/null 2>&1 ;;
+    esac
 }
 
 rpm_tool() {
-	if command -v dnf >/dev/null 2>&1; then
-		echo dnf
-	else
-		echo yum
-	fi
+    if command -v dnf >/dev/null 2>&1; then
+        echo dnf
+    else
+        echo yum
+    fi
 }
 
 # The last existing file among the arguments (a glob's sorted matches).
 last_file() {
-	found=
-	for f in "$@"; do
-		[ -f "$f" ] && found=$f
-	done
-	[ -n "$found" ] && printf '%s\n' "$found"
+    found=
+    for f in "$@"; do
+        [ -f "$f" ] && found=$f
+    done
+    [ -n "$found" ] && printf '%s\n' "$found"
 }
 
 # Installs the package for this OS family from a mounted bundle directory.
 install_bundle_package() {
-	case $FAMILY in
-	debian)
-		arch=$(dpkg --print-architecture)
-		pkg=$(last_file "$1"/deb/circleci-runner_*_"$arch".deb) || {
-			log "the runner bundle has no deb/circleci-runner_*_$arch.deb"
-			return 1
-		}
-		log "installing $(basename "$pkg") from the runner bundle"
-		apt-get install -y -q --no-install-recommends \
-			-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$pkg"
-		;;
-	rhel)
-		arch=$(uname -m)
-		pkg=$(last_file "$1"/rpm/circleci-runner-*."$arch".rpm) || {
-			log "the runner bundle has no rpm/circleci-runner-*.$arch.rpm"
-			return 1
-		}
-		log "installing $(basename "$pkg") from the runner bundle"
-		tool=$(rpm_tool)
-		# Offline first; with the repositories if dependencies are missing.
-		"$tool" install -y --disablerepo='*' "$pkg" || "$tool" install -y "$pkg"
-		;;
-	esac
+    case $FAMILY in
+    debian)
+        arch=$(dpkg --print-architecture)
+        pkg=$(last_file "$1"/deb/circleci-runner_*_"$arch".deb) || {
+            log "the runner bundle has no deb/circleci-runner_*_$arch.deb"
+            return 1
+        }
+        log "installing $(basename "$pkg") from the runner bundle"
+        apt-get install -y -q --no-install-recommends \
+            -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$pkg"
+        ;;
+    rhel)
+        arch=$(uname -m)
+        pkg=$(last_file "$1"/rpm/circleci-runner-*."$arch".rpm) || {
+            log "the runner bundle has no rpm/circleci-runner-*.$arch.rpm"
+            return 1
+        }
+        log "installing $(basename "$pkg") from the runner bundle"
+        tool=$(rpm_tool)
+        # Offline first; with the repositories if dependencies are missing.
+        "$tool" install -y --disablerepo='*' "$pkg" || "$tool" install -y "$pkg"
+        ;;
+    esac
 }
 
 find_bundle_device() {
-	waited=0
-	while :; do
-		for dev in "/dev/disk/by-id/virtio-$BUNDLE_SERIAL" \
-			"/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_$BUNDLE_SERIAL" \
-			"/dev/disk/by-label/$BUNDLE_LABEL"; do
-			if [ -b "$dev" ]; then
-				printf '%s\n' "$dev"
-				return 0
-			fi
-		done
-		dev=$(blkid -L "$BUNDLE_LABEL" 2>/dev/null) && [ -b "$dev" ] && {
-			printf '%s\n' "$dev"
-			return 0
-		}
-		[ "$waited" -lt "$BUNDLE_WAIT_SECONDS" ] || return 1
-		sleep 1
-		waited=$((waited + 1))
-	done
+    waited=0
+    while :; do
+        for dev in "/dev/disk/by-id/virtio-$BUNDLE_SERIAL" \
+            "/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_$BUNDLE_SERIAL" \
+            "/dev/disk/by-label/$BUNDLE_LABEL"; do
+            if [ -b "$dev" ]; then
+                printf '%s\n' "$dev"
+                return 0
+            fi
+        done
+        dev=$(blkid -L "$BUNDLE_LABEL" 2>/dev/null) && [ -b "$dev" ] && {
+            printf '%s\n' "$dev"
+            return 0
+        }
+        [ "$waited" -lt "$BUNDLE_WAIT_SECONDS" ] || return 1
+        sleep 1
+        waited=$((waited + 1))
+    done
 }
 
 install_from_bundle() {
-	if [ -n "${RP_BUNDLE_DIR:-}" ]; then
-		log "using the runner bundle directory $RP_BUNDLE_DIR (RP_BUNDLE_DIR)"
-		install_bundle_package "$RP_BUNDLE_DIR"
-		return
-	fi
-	if command -v udevadm >/dev/null 2>&1; then
-		udevadm settle --timeout=10 >/dev/null 2>&1 || true
-	fi
-	if ! dev=$(find_bundle_device); then
-		log "no runner bundle disk (serial $BUNDLE_SERIAL, label $BUNDLE_LABEL)"
-		return 1
-	fi
-	mnt="$RP_RUN/bundle"
-	mkdir -p "$mnt" || return 1
-	if ! mount -o ro "$dev" "$mnt"; then
-		log "cannot mount the runner bundle disk $dev"
-		return 1
-	fi
-	log "mounted the runner bundle disk $dev"
-	install_bundle_package "$mnt"
-	status=$?
-	umount "$mnt" || log "cannot unmount $mnt"
-	return "$status"
+    if [ -n "${RP_BUNDLE_DIR:-}" ]; then
+        log "using the runner bundle directory $RP_BUNDLE_DIR (RP_BUNDLE_DIR)"
+        install_bundle_package "$RP_BUNDLE_DIR"
+        return
+    fi
+    if command -v udevadm >/dev/null 2>&1; then
+        udevadm settle --timeout=10 >/dev/null 2>&1 || true
+    fi
+    if ! dev=$(find_bundle_device); then
+        log "no runner bundle disk (serial $BUNDLE_SERIAL, label $BUNDLE_LABEL)"
+        return 1
+    fi
+    mnt="$RP_RUN/bundle"
+    mkdir -p "$mnt" || return 1
+    if ! mount -o ro "$dev" "$mnt"; then
+        log "cannot mount the runner bundle disk $dev"
+        return 1
+    fi
+    log "mounted the runner bundle disk $dev"
+    install_bundle_package "$mnt"
+    status=$?
+    umount "$mnt" || log "cannot unmount $mnt"
+    return "$status"
 }
 
 # Runs a command within what is left of the install deadline.
 bounded() {
-	left=$((DEADLINE - $(date +%s)))
-	[ "$left" -gt 0 ] || return 124
-	timeout -k 10 "$left" "$@"
+    left=$((DEADLINE - $(date +%s)))
+    [ "$left" -gt 0 ] || return 124
+    timeout -k 10 "$left" "$@"
 }
 
 repository_attempt() {
-	script="$RP_RUN/packagecloud-script.sh"
-	case $FAMILY in
-	debian)
-		if ! command -v curl >/dev/null 2>&1; then
-			bounded apt-get update -q || return 1
-			bounded apt-get install -y -q --no-install-recommends curl ca-certificates || return 1
-		fi
-		bounded curl -fsSL --connect-timeout 20 --max-time 120 -o "$script" "$DEB_REPO_SCRIPT" || return 1
-		bounded bash "$script" || return 1
-		bounded apt-get install -y -q \
-			-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold circleci-runner
-		;;
-	rhel)
-		tool=$(rpm_tool)
-		if ! command -v curl >/dev/null 2>&1; then
-			bounded "$tool" install -y curl || return 1
-		fi
-		bounded curl -fsSL --connect-timeout 20 --max-time 120 -o "$script" "$RPM_REPO_SCRIPT" || return 1
-		bounded bash "$script" || return 1
-		bounded "$tool" install -y circleci-runner
-		;;
-	esac
+    script="$RP_RUN/packagecloud-script.sh"
+    case $FAMILY in
+    debian)
+        if ! command -v curl >/dev/null 2>&1; then
+            bounded apt-get update -q || return 1
+            bounded apt-get install -y -q --no-install-recommends curl ca-certificates || return 1
+        fi
+        bounded curl -fsSL --connect-timeout 20 --max-time 120 -o "$script" "$DEB_REPO_SCRIPT" || return 1
+        bounded bash "$script" || return 1
+        bounded apt-get install -y -q \
+            -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold circleci-runner
+        ;;
+    rhel)
+        tool=$(rpm_tool)
+        if ! command -v curl >/dev/null 2>&1; then
+            bounded "$tool" install -y curl || return 1
+        fi
+        bounded curl -fsSL --connect-timeout 20 --max-time 120 -o "$script" "$RPM_REPO_SCRIPT" || return 1
+        bounded bash "$script" || return 1
+        bounded "$tool" install -y circleci-runner
+        ;;
+    esac
 }
 
 # CircleCI's package repository (packagecloud), with retries, for at most
 # INSTALL_TIMEOUT_SECONDS in total.
 install_from_repository() {
-	DEADLINE=$(($(date +%s) + INSTALL_TIMEOUT_SECONDS))
-	attempt=1
-	delay=5
-	while :; do
-		left=$((DEADLINE - $(date +%s)))
-		[ "$left" -gt 0 ] || return 1
-		log "installing circleci-runner from CircleCI's package repository (attempt $attempt, ${left}s left)"
-		if repository_attempt; then
-			return 0
-		fi
-		left=$((DEADLINE - $(date +%s)))
-		[ "$left" -gt 0 ] || return 1
-		[ "$delay" -le "$left" ] || delay=$left
-		log "attempt $attempt failed; retrying in ${delay}s"
-		sleep "$delay"
-		attempt=$((attempt + 1))
-		delay=$((delay * 2))
-		[ "$delay" -le 60 ] || delay=60
-	done
+    DEADLINE=$(($(date +%s) + INSTALL_TIMEOUT_SECONDS))
+    attempt=1
+    delay=5
+    while :; do
+        left=$((DEADLINE - $(date +%s)))
+        [ "$left" -gt 0 ] || return 1
+        log "installing circleci-runner from CircleCI's package repository (attempt $attempt, ${left}s left)"
+        if repository_attempt; then
+            return 0
+        fi
+        left=$((DEADLINE - $(date +%s)))
+        [ "$left" -gt 0 ] || return 1
+        [ "$delay" -le "$left" ] || delay=$left
+        log "attempt $attempt failed; retrying in ${delay}s"
+        sleep "$delay"
+        attempt=$((attempt + 1))
+        delay=$((delay * 2))
+        [ "$delay" -le 60 ] || delay=60
+    done
 }
 
 install_runner() {
-	if runner_installed; then
-		log "circleci-runner is already installed"
-		return 0
-	fi
-	if [ "$INSTALL_SOURCE" = bundle ]; then
-		if install_from_bundle && runner_installed; then
-			return 0
-		fi
-		log "WARNING: could not install from the runner bundle; trying CircleCI's package repository"
-	fi
-	if ! install_from_repository || ! runner_installed; then
-		fatal "could not install circleci-runner (gave up after ${INSTALL_TIMEOUT_SECONDS}s)"
-	fi
+    if runner_installed; then
+        log "circleci-runner is already installed"
+        return 0
+    fi
+    if [ "$INSTALL_SOURCE" = bundle ]; then
+        if install_from_bundle && runner_installed; then
+            return 0
+        fi
+        log "WARNING: could not install from the runner bundle; trying CircleCI's package repository"
+    fi
+    if ! install_from_repository || ! runner_installed; then
+        fatal "could not install circleci-runner (gave up after ${INSTALL_TIMEOUT_SECONDS}s)"
+    fi
 }
 
 install_config() {
-	if ! id "$RUNNER_USER" >/dev/null 2>&1; then
-		log "the package did not create the user $RUNNER_USER; creating it"
-		useradd --system --create-home --shell /bin/bash "$RUNNER_USER" ||
-			fatal "cannot create the user $RUNNER_USER"
-	fi
-	group=$(id -gn "$RUNNER_USER") || fatal "no group for $RUNNER_USER"
-	mkdir -p "$(dirname "$RUNNER_CONFIG")" || fatal "cannot create $(dirname "$RUNNER_CONFIG")"
-	install -m 0600 -o "$RUNNER_USER" -g "$group" \
-		"$RP_RUN/circleci-runner-config.yaml" "$RUNNER_CONFIG" ||
-		fatal "cannot write $RUNNER_CONFIG"
-	rm -f "$RP_RUN/circleci-runner-config.yaml"
-	log "wrote $RUNNER_CONFIG (mode 0600, owner $RUNNER_USER)"
+    if ! id "$RUNNER_USER" >/dev/null 2>&1; then
+        log "the package did not create the user $RUNNER_USER; creating it"
+        useradd --system --create-home --shell /bin/bash "$RUNNER_USER" ||
+            fatal "cannot create the user $RUNNER_USER"
+    fi
+    group=$(id -gn "$RUNNER_USER") || fatal "no group for $RUNNER_USER"
+    mkdir -p "$(dirname "$RUNNER_CONFIG")" || fatal "cannot create $(dirname "$RUNNER_CONFIG")"
+    install -m 0600 -o "$RUNNER_USER" -g "$group" \
+        "$RP_RUN/circleci-runner-config.yaml" "$RUNNER_CONFIG" ||
+        fatal "cannot write $RUNNER_CONFIG"
+    rm -f "$RP_RUN/circleci-runner-config.yaml"
+    log "wrote $RUNNER_CONFIG (mode 0600, owner $RUNNER_USER)"
 }
 
 start_runner() {
-	[ -f "$DROPIN" ] || fatal "missing the systemd drop-in $DROPIN"
-	systemctl daemon-reload || fatal "systemctl daemon-reload failed"
-	systemctl enable "$RUNNER_UNIT" || log "WARNING: cannot enable $RUNNER_UNIT"
-	# --no-block: we run inside cloud-init's own unit; do not wait on ordering.
-	systemctl start --no-block "$RUNNER_UNIT" || fatal "cannot start $RUNNER_UNIT"
-	log "started $RUNNER_UNIT (single task); the VM powers off when it exits"
+    [ -f "$DROPIN" ] || fatal "missing the systemd drop-in $DROPIN"
+    systemctl daemon-reload || fatal "systemctl daemon-reload failed"
+    systemctl enable "$RUNNER_UNIT" || log "WARNING: cannot enable $RUNNER_UNIT"
+    # --no-block: we run inside cloud-init's own unit; do not wait on ordering.
+    systemctl start --no-block "$RUNNER_UNIT" || fatal "cannot start $RUNNER_UNIT"
+    log "started $RUNNER_UNIT (single task); the VM powers off when it exits"
 }
 
 main() {
-	log "bootstrap starting"
-	read_settings
-	detect_os
-	stash_config
-	run_user_data
-	install_runner
-	install_config
-	start_runner
+    log "bootstrap starting"
+    read_settings
+    detect_os
+    stash_config
+    run_user_data
+    install_runner
+    install_config
+    start_runner
 }
 
 case ${1:-} in
 detect-os)
-	[ $# -eq 2 ] || {
-		echo "usage: $0 detect-os OS-RELEASE-FILE" >&2
-		exit 2
-	}
-	if os_family "$2"; then exit 0; fi
-	echo unsupported
-	exit 1
-	;;
+    [ $# -eq 2 ] || {
+        echo "usage: $0 detect-os OS-RELEASE-FILE" >&2
+        exit 2
+    }
+    if os_family "$2"; then exit 0; fi
+    echo unsupported
+    exit 1
+    ;;
 '') main ;;
 *)
-	echo "usage: $0 [detect-os OS-RELEASE-FILE]" >&2
-	exit 2
-	;;
+    echo "usage: $0 [detect-os OS-RELEASE-FILE]" >&2
+    exit 2
+    ;;
 esac
