@@ -35,6 +35,7 @@ shift
 
 mount -t proc proc "$ROOT/proc"
 mount -t tmpfs -o mode=0755 tmpfs "$ROOT/run"
+mount -t devpts -o newinstance,ptmxmode=0666 devpts "$ROOT/dev/pts" 2>/dev/null || true
 mount --bind "$CONSOLE" "$ROOT/dev/console"
 if [ -n "$BUNDLE_DEV" ]; then
 	name=$(basename "$BUNDLE_DEV")

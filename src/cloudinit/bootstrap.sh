@@ -38,7 +38,9 @@ INSTALL_TIMEOUT_SECONDS=900
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 DEBIAN_FRONTEND=noninteractive
 export PATH DEBIAN_FRONTEND
-umask 077
+# Ordinary modes for what userData and the package create; secrets get 0600/0700
+# explicitly.
+umask 022
 set -u
 
 log() {
@@ -174,7 +176,9 @@ detect_os() {
 # so that installing the package (which ships a template config) can neither
 # overwrite it nor stop on a conffile question; it is put back afterwards.
 stash_config() {
-    mkdir -p "$RP_RUN" || fatal "cannot create $RP_RUN"
+    if ! mkdir -p "$RP_RUN" || ! chmod 0700 "$RP_RUN"; then
+        fatal "cannot create $RP_RUN"
+    fi
     if [ -f "$RUNNER_CONFIG" ]; then
         mv -f "$RUNNER_CONFIG" "$RP_RUN/circleci-runner-config.yaml" ||
             fatal "cannot move $RUNNER_CONFIG aside"
@@ -316,7 +320,8 @@ repository_attempt() {
     case $FAMILY in
     debian)
         if ! command -v curl >/dev/null 2>&1; then
-            bounded apt-get update -q || return 1
+            # Error-Mode=any: fail when an index cannot be fetched (older apt ignores it).
+            bounded apt-get update -q -o APT::Update::Error-Mode=any || return 1
             bounded apt-get install -y -q --no-install-recommends curl ca-certificates || return 1
         fi
         bounded curl -fsSL --connect-timeout 20 --max-time 120 -o "$script" "$DEB_REPO_SCRIPT" || return 1
