@@ -304,8 +304,9 @@ fn installs_from_the_bundle_disk_and_starts_the_runner() {
     let bundle = bundle();
     let rootfs = Rootfs::new("disk");
     // The user's script records that it ran, with hostile text inside.
-    let user_script =
-        format!("#!/bin/sh\nset -eu\nmkdir /opt/user-tool\ncat >/root/userdata-ran <<'RP_END'\n{HOSTILE}\nRP_END\n");
+    let user_script = format!(
+        "#!/bin/sh\nset -eu\nmkdir /opt/user-tool\ncat >/root/userdata-ran <<'RP_END'\n{HOSTILE}\nRP_END\n"
+    );
     let config = BootstrapConfig {
         runner_token: HOSTILE.into(),
         api_url: format!("https://circleci.example.com/{HOSTILE}"),
