@@ -1,3 +1,5 @@
 //! runner-provisioner: keeps CircleCI self-hosted machine runners available as
 //! KubeVirt VMs, sized to the CircleCI task queue.
 pub mod cloudinit;
+pub mod crd;
+pub mod resources;
