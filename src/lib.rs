@@ -3,3 +3,10 @@
 pub mod cloudinit;
 pub mod crd;
 pub mod resources;
+pub mod circleci;
+pub mod error;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod scaler;
+pub mod telemetry;
