@@ -18,9 +18,12 @@ build:
 tools:
 	tests/tools/build.sh
 
-## System packages the tests need (Debian).
+## System packages the tests need (Debian) and the cached Debian rootfs of the
+## VM bootstrap test. Installs only what is missing.
+DEB_PACKAGES := shellcheck debootstrap e2fsprogs python3-yaml
 deps:
-	@true
+	scripts/install-deps.sh $(DEB_PACKAGES)
+	scripts/bootstrap-test/build-rootfs.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
