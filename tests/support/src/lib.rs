@@ -7,6 +7,7 @@
 pub mod circleci;
 pub mod controlplane;
 pub mod guest;
+pub mod kubevirt;
 
 pub use controlplane::{ControlPlane, ControlPlaneOptions, init_crypto};
 pub use guest::{GuestBoot, GuestRuntime, PowerOff, TimeScale};

@@ -7,6 +7,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"os"
 
@@ -33,9 +34,17 @@ func main() {
 		if err != nil {
 			fail(err)
 		}
-		// Status is server-owned; strip the empty status stanza.
-		crd.Status = extv1.CustomResourceDefinitionStatus{}
-		b, err := yaml.Marshal(crd)
+		// Status is server-owned: drop the empty stanza the struct marshals to.
+		j, err := json.Marshal(crd)
+		if err != nil {
+			fail(err)
+		}
+		var obj map[string]any
+		if err := json.Unmarshal(j, &obj); err != nil {
+			fail(err)
+		}
+		delete(obj, "status")
+		b, err := yaml.Marshal(obj)
 		if err != nil {
 			fail(err)
 		}
