@@ -496,6 +496,23 @@ spec:
     }
 
     #[test]
+    fn examples_are_valid() {
+        for (name, yaml) in [
+            (
+                "runnerpool-ubuntu.yaml",
+                include_str!("../../examples/runnerpool-ubuntu.yaml"),
+            ),
+            (
+                "runnerpool-minimal.yaml",
+                include_str!("../../examples/runnerpool-minimal.yaml"),
+            ),
+        ] {
+            let v = validate(&spec(yaml)).unwrap_or_else(|e| panic!("examples/{name}: {e:?}"));
+            assert!(v.max_replicas > 0, "{name}");
+        }
+    }
+
+    #[test]
     fn every_problem_is_reported_at_once() {
         let mut s = spec(MINIMAL);
         s.resource_class = "bad".into();
