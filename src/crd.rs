@@ -174,6 +174,16 @@ pub struct RunnerPoolSpec {
     #[serde(default)]
     pub runner_bundle: RunnerBundleSpec,
 
+    /// What happens to the VMs when this RunnerPool is deleted. `Drain`
+    /// (default): no new VM is created, VMs leave as their runners finish
+    /// (after their one job, or after idleTimeout when idle), and the
+    /// RunnerPool is removed once no VM is left, so no running job is killed.
+    /// With `idleTimeout: 0s` idle VMs never leave by themselves: delete them
+    /// by hand or switch to `Delete`. `Delete`: every VM is deleted at once,
+    /// killing the jobs they run.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+
     /// The KubeVirt VirtualMachineInstance template for each VM. When absent,
     /// VMs boot Ubuntu 24.04 (`quay.io/containerdisks/ubuntu:24.04`) with 1 CPU
     /// and 2Gi of memory.
@@ -393,6 +403,17 @@ fn default_true() -> bool {
 
 fn default_bundle_image() -> String {
     DEFAULT_BUNDLE_IMAGE.to_string()
+}
+
+/// What deleting a RunnerPool does to its VMs: `Drain` (wait for every VM
+/// to finish, default) or `Delete` (delete them at once).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeletionPolicy {
+    /// Create no new VM; wait until every VM has powered off.
+    #[default]
+    Drain,
+    /// Delete every VM at once (running jobs are killed).
+    Delete,
 }
 
 /// When to pull the runner-bundle image: `Always`, `IfNotPresent` or `Never`.

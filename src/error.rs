@@ -72,6 +72,11 @@ pub enum Error {
     #[error("lost leadership of Lease {0}")]
     LostLeadership(String),
 
+    /// A deleted RunnerPool waits for its VMs to finish (deletionPolicy
+    /// Drain); not a failure.
+    #[error("draining: waiting for {0} VM(s) to power off")]
+    Draining(u32),
+
     /// Startup or runtime failure outside reconciliation.
     #[error("{0}")]
     Runtime(String),
@@ -99,6 +104,7 @@ impl Error {
             },
             Error::MissingApi(_) => "MissingApi",
             Error::LostLeadership(_) => "LostLeadership",
+            Error::Draining(_) => "Draining",
             Error::Runtime(_) => "RuntimeError",
         }
     }
@@ -120,6 +126,7 @@ impl Error {
             },
             Error::MissingApi(_) => "missing_api",
             Error::LostLeadership(_) => "lost_leadership",
+            Error::Draining(_) => "draining",
             Error::Runtime(_) => "runtime",
         }
     }

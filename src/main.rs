@@ -1,4 +1,3 @@
-fn main() {
-    eprintln!("runner-provisioner: not built yet");
-    std::process::exit(2);
+fn main() -> std::process::ExitCode {
+    runner_provisioner::cli::main()
 }

@@ -1,0 +1,181 @@
+//! KubeVirt objects as the operator sees them: the API resources it reads and
+//! writes, and pure views from a `VirtualMachine` / `VirtualMachinePool` JSON
+//! object to the plain data the scaling policy takes.
+//!
+//! The operator keeps KubeVirt's objects as `DynamicObject`s (their schemas
+//! are huge and only a handful of fields matter here).
+
+use kube::api::DynamicObject;
+use kube::core::{ApiResource, GroupVersionKind};
+use serde_json::Value;
+
+use crate::resources::POOL_LABEL;
+use crate::scaler::policy::{VmState, VmView};
+
+/// The finalizer KubeVirt's pool controller puts on each VM (1.7+). With
+/// `scaleInStrategy.unmanaged` nothing removes it but the operator.
+pub const POOL_FINALIZER: &str = "pool.kubevirt.io/finalizer";
+
+pub use crate::resources::vmp_api_resource as pool_resource;
+
+/// `kubevirt.io/v1` VirtualMachine.
+pub fn vm_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("kubevirt.io", "v1", "VirtualMachine"),
+        "virtualmachines",
+    )
+}
+
+/// The RunnerPool a VM belongs to (its [`POOL_LABEL`]).
+pub fn vm_pool_name(vm: &DynamicObject) -> Option<&str> {
+    vm.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(POOL_LABEL))
+        .map(String::as_str)
+}
+
+/// What the scale-in rules need to know about one VM.
+///
+/// A VM is [`VmState::Stopped`] only when KubeVirt says `printableStatus:
+/// Stopped` and the VM is not ready: then no VMI runs, so no runner can be
+/// running a job. Everything else that is not being deleted (no status yet,
+/// Provisioning, Starting, Running, Stopping, errors, unknown values) is
+/// [`VmState::Active`]: it may be running a job, and is never retired.
+pub fn vm_view(vm: &DynamicObject) -> VmView {
+    let status = &vm.data["status"];
+    let ready = status["ready"].as_bool() == Some(true);
+    let printable = status["printableStatus"].as_str().unwrap_or("");
+    let state = if vm.metadata.deletion_timestamp.is_some() {
+        VmState::Terminating
+    } else if printable == "Stopped" && !ready {
+        VmState::Stopped
+    } else {
+        VmState::Active
+    };
+    VmView {
+        name: vm.metadata.name.clone().unwrap_or_default(),
+        state,
+        ready,
+        has_pool_finalizer: vm
+            .metadata
+            .finalizers
+            .as_ref()
+            .is_some_and(|f| f.iter().any(|x| x == POOL_FINALIZER)),
+    }
+}
+
+/// What the scaler reads from the pool object.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PoolView {
+    /// `spec.replicas` (KubeVirt reads a missing value as 1).
+    pub spec_replicas: u32,
+    /// `status.readyReplicas`.
+    pub ready_replicas: u32,
+    /// `status.replicas`.
+    pub status_replicas: u32,
+}
+
+/// Reads a VirtualMachinePool object.
+pub fn pool_view(pool: &DynamicObject) -> PoolView {
+    let n = |v: &Value| v.as_u64().map(|x| x.min(u32::MAX as u64) as u32);
+    PoolView {
+        spec_replicas: n(&pool.data["spec"]["replicas"]).unwrap_or(1),
+        ready_replicas: n(&pool.data["status"]["readyReplicas"]).unwrap_or(0),
+        status_replicas: n(&pool.data["status"]["replicas"]).unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn vm(status: Value, deleting: bool, finalizers: &[&str]) -> DynamicObject {
+        let mut meta = json!({
+            "name": "p-0",
+            "namespace": "ns",
+            "labels": {POOL_LABEL: "p"},
+            "finalizers": finalizers,
+        });
+        if deleting {
+            meta["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        }
+        serde_json::from_value(json!({
+            "apiVersion": "kubevirt.io/v1",
+            "kind": "VirtualMachine",
+            "metadata": meta,
+            "spec": {},
+            "status": status,
+        }))
+        .expect("valid object")
+    }
+
+    #[test]
+    fn only_a_stopped_not_ready_vm_is_stopped() {
+        let s = |status: Value| vm_view(&vm(status, false, &[])).state;
+        assert_eq!(
+            s(json!({"printableStatus": "Stopped", "ready": false})),
+            VmState::Stopped
+        );
+        assert_eq!(s(json!({"printableStatus": "Stopped"})), VmState::Stopped);
+        // inconsistent: claims Stopped but Ready; treat as possibly busy
+        assert_eq!(
+            s(json!({"printableStatus": "Stopped", "ready": true})),
+            VmState::Active
+        );
+        for p in [
+            "Running",
+            "Starting",
+            "Provisioning",
+            "Stopping",
+            "Unknown",
+            "CrashLoopBackOff",
+            "Migrating",
+            "SomethingNew",
+        ] {
+            assert_eq!(s(json!({"printableStatus": p})), VmState::Active, "{p}");
+        }
+        assert_eq!(s(json!({})), VmState::Active, "no status yet");
+        assert_eq!(s(Value::Null), VmState::Active);
+    }
+
+    #[test]
+    fn deleting_vms_are_terminating_and_report_the_pool_finalizer() {
+        let v = vm_view(&vm(
+            json!({"printableStatus": "Running", "ready": true}),
+            true,
+            &[POOL_FINALIZER, "other"],
+        ));
+        assert_eq!(v.state, VmState::Terminating);
+        assert!(v.has_pool_finalizer);
+        assert!(v.ready);
+        let v = vm_view(&vm(json!({}), true, &["other"]));
+        assert!(!v.has_pool_finalizer);
+        assert_eq!(vm_pool_name(&vm(json!({}), false, &[])), Some("p"));
+    }
+
+    #[test]
+    fn pool_view_defaults_like_kubevirt() {
+        let p: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "pool.kubevirt.io/v1beta1", "kind": "VirtualMachinePool",
+            "metadata": {"name": "p"}, "spec": {}
+        }))
+        .unwrap();
+        assert_eq!(pool_view(&p).spec_replicas, 1, "nil replicas means 1");
+        let p: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "pool.kubevirt.io/v1beta1", "kind": "VirtualMachinePool",
+            "metadata": {"name": "p"}, "spec": {"replicas": 4},
+            "status": {"replicas": 3, "readyReplicas": 2}
+        }))
+        .unwrap();
+        assert_eq!(
+            pool_view(&p),
+            PoolView {
+                spec_replicas: 4,
+                ready_replicas: 2,
+                status_replicas: 3
+            }
+        );
+    }
+}
