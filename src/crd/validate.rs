@@ -162,6 +162,12 @@ fn check_api_url(s: &str, errs: &mut Vec<String>) -> Option<String> {
 /// Parses a Go duration (the syntax of CEL's `duration()` and of the runner
 /// agent's config).
 fn duration(field: &str, s: &str, errs: &mut Vec<String>) -> Option<Duration> {
+    if s.trim().is_empty() {
+        errs.push(format!(
+            "{field}: must be a duration such as 30s, 10m or 1h30m (got an empty string)"
+        ));
+        return None;
+    }
     match s.parse::<kube::core::Duration>() {
         Ok(d) if d.is_negative() => {
             errs.push(format!("{field}: must not be negative (got {s})"));
