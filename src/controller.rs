@@ -734,15 +734,19 @@ async fn cleanup(pool: Arc<RunnerPool>, ctx: &Context) -> Result<Action> {
             let current = shared
                 .pool_object(&key)
                 .map(|p| kubevirt::pool_view(&p).spec_replicas);
-            let plan = policy::plan(&Input {
-                demand: Some(Demand {
-                    unclaimed: 0,
-                    running: 0,
-                }),
-                bounds: Bounds { min: 0, max: 0 },
-                current_replicas: current.unwrap_or(0),
-                vms: &views,
-            });
+            let plan = policy::plan(
+                &mut policy::State::default(),
+                &Input {
+                    demand: Some(Demand {
+                        unclaimed: 0,
+                        running: 0,
+                    }),
+                    controls: Bounds { min: 0, max: 0 }.into(),
+                    current_replicas: current.unwrap_or(0),
+                    vms: &views,
+                    now_secs: 0,
+                },
+            );
             if current.is_some() {
                 let acted = scaler::act(shared, &key, current.unwrap_or(0), &plan).await;
                 if let Some(e) = acted.error {

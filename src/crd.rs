@@ -259,11 +259,14 @@ fn default_user_data_key() -> String {
 }
 
 /// How many VMs to run and how often to poll CircleCI. The operator keeps
-/// `clamp(unclaimed + running tasks, minReplicas, maxReplicas)` VMs. Room is
-/// reserved here for later scaling options (headroom, maxSurge,
-/// scaleDownDelay, schedules).
+/// `unclaimed + running` tasks' worth of VMs, plus `headroom` while tasks
+/// wait or run, plus `idleBuffer` at all times, at least the forecast's warm
+/// pool when forecasting is on, clamped to `[minReplicas, maxReplicas]`;
+/// `scaleDownDelay` delays shrinking and `maxSurge` caps VMs booting at once.
+/// An active entry of `schedules` overrides these numbers.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must not be greater than maxReplicas").field_path(".minReplicas"))]
+#[x_kube(validation = Rule::new(format!("!self.idleTimeout.matches('{GO_DURATION_PATTERN}') || !self.scaleDownDelay.matches('{GO_DURATION_PATTERN}') || duration(self.idleTimeout) == duration('0s') || duration(self.idleTimeout) >= duration(self.scaleDownDelay)")).message("idleTimeout must be at least scaleDownDelay (or 0s: never)").field_path(".idleTimeout"))]
 #[serde(rename_all = "camelCase")]
 pub struct ScalingSpec {
     /// VMs kept running even when no task waits (a warm pool: jobs start
@@ -295,6 +298,126 @@ pub struct ScalingSpec {
     #[x_kube(validation = Rule::new(format!("self.matches('{GO_DURATION_PATTERN}')")).message("must be a duration such as 5s or 1m (units: ns, us, ms, s, m, h)"))]
     #[x_kube(validation = Rule::new(format!("!self.matches('{GO_DURATION_PATTERN}') || duration(self) >= duration('1s')")).message("must be at least 1s"))]
     pub poll_interval: String,
+
+    /// Spare VMs kept above the task count while tasks wait or run
+    /// (CircleCI's `headroom`): a burst finds VMs already booting. None are
+    /// kept while the queue is empty; use idleBuffer or minReplicas for that.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 10000))]
+    pub headroom: i32,
+
+    /// Spare idle VMs kept above the task count at all times (the additive
+    /// buffer of GitHub ARC's `minRunners` and GitLab's `idle_count`):
+    /// unlike minReplicas, a floor that busy VMs fill up, it stays spare
+    /// under load, so the next job starts at once.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 10000))]
+    pub idle_buffer: i32,
+
+    /// At most this many VMs beyond the Ready ones, i.e. booting at once
+    /// (protects a cluster that cannot boot many VMs together). Unset: no
+    /// cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_surge: Option<i32>,
+
+    /// How long the wanted size must stay lower before the pool shrinks, as
+    /// a duration (`0s`: at once). Smooths out gaps between the jobs of one
+    /// pipeline. Must not exceed idleTimeout.
+    #[serde(default = "default_scale_down_delay")]
+    #[schemars(length(min = 1, max = 64))]
+    #[x_kube(validation = Rule::new(format!("self.matches('{GO_DURATION_PATTERN}')")).message("must be a duration such as 0s, 30s or 5m (units: ns, us, ms, s, m, h)"))]
+    pub scale_down_delay: String,
+
+    /// Named periods that override minReplicas, maxReplicas, headroom,
+    /// idleBuffer, maxSurge and scaleDownDelay while active, e.g. a larger
+    /// warm pool during working hours. A period is active from a `start`
+    /// occurrence until the next `end` occurrence; the first active entry
+    /// wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new("self.all(a, self.exists_one(b, b.name == a.name))").message("schedule names must be unique"))]
+    pub schedules: Vec<ScheduleSpec>,
+
+    /// A warm pool learned from this pool's own history: the operator
+    /// records how many VMs were needed in each hour of the week (kept in
+    /// the RunnerPool's status, 168 numbers) and keeps that many ready
+    /// shortly before such an hour comes round again.
+    #[serde(default)]
+    pub forecast: ForecastSpec,
+}
+
+/// A period with other scaling numbers (see `scaling.schedules`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleSpec {
+    /// Name of the period (shown in status and events).
+    #[schemars(length(min = 1, max = 63), pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// When the period starts: a cron expression (`minute hour day-of-month
+    /// month day-of-week`, e.g. `0 8 * * 1-5`), in timeZone.
+    #[schemars(length(min = 9, max = 256))]
+    pub start: String,
+    /// When it ends: a cron expression, e.g. `0 18 * * 1-5`.
+    #[schemars(length(min = 9, max = 256))]
+    pub end: String,
+    /// IANA time zone of start and end, e.g. `Europe/Berlin`. Default UTC.
+    /// Daylight-saving changes follow the zone's rules.
+    #[serde(default = "default_time_zone")]
+    #[schemars(length(min = 1, max = 64))]
+    pub time_zone: String,
+    /// minReplicas while active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub min_replicas: Option<i32>,
+    /// maxReplicas while active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_replicas: Option<i32>,
+    /// headroom while active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub headroom: Option<i32>,
+    /// idleBuffer while active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub idle_buffer: Option<i32>,
+    /// maxSurge while active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_surge: Option<i32>,
+    /// scaleDownDelay while active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    #[x_kube(validation = Rule::new(format!("self.matches('{GO_DURATION_PATTERN}')")).message("must be a duration such as 0s or 5m"))]
+    pub scale_down_delay: Option<String>,
+}
+
+/// The learned warm pool (see `scaling.forecast`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ForecastSpec {
+    /// Keep a warm pool sized by what this pool needed in the same hour of
+    /// past weeks.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Fraction (0-100, percent) of the learned need to keep warm. 100 keeps
+    /// the whole learned peak; lower trades job wait for VM-hours.
+    #[serde(default = "default_forecast_percent")]
+    #[schemars(range(min = 0, max = 100))]
+    pub percent: i32,
+}
+
+fn default_forecast_percent() -> i32 {
+    50
+}
+
+fn default_time_zone() -> String {
+    "UTC".to_string()
+}
+
+fn default_scale_down_delay() -> String {
+    "0s".to_string()
 }
 
 fn default_idle_timeout() -> String {
@@ -551,6 +674,10 @@ pub struct RunnerPoolStatus {
     /// `kubectl get vm -l <selector>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
+
+    /// The `scaling.schedules` entry in force, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_schedule: Option<String>,
 
     /// Ready, Reconciling, Stalled and Degraded (see the operator's
     /// documentation). `Ready` summarises the others.

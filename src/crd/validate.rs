@@ -9,6 +9,8 @@ use serde_json::Value;
 
 use super::{MIN_POLL_INTERVAL, RunnerPoolSpec};
 use crate::resources::{BUNDLE_VOLUME, CLOUDINIT_VOLUME, POOL_LABEL};
+use crate::scaler::policy::Controls;
+use crate::scaler::schedule::{self, Schedule};
 
 /// A spec that passed [`validate`], with its durations parsed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +29,48 @@ pub struct ValidSpec {
     pub poll_interval: Duration,
     /// `spec.runner.maxRunTime`.
     pub max_run_time: Option<Duration>,
+    /// `spec.scaling.headroom`.
+    pub headroom: u32,
+    /// `spec.scaling.idleBuffer`.
+    pub idle_buffer: u32,
+    /// `spec.scaling.maxSurge`.
+    pub max_surge: Option<u32>,
+    /// `spec.scaling.scaleDownDelay`.
+    pub scale_down_delay: Duration,
+    /// `spec.scaling.schedules`, parsed.
+    pub schedules: Vec<Schedule>,
+    /// `spec.scaling.forecast.percent` when forecasting is on.
+    pub forecast_percent: Option<u32>,
+}
+
+impl ValidSpec {
+    /// The controls in force at `t`: the spec's numbers, overridden by the
+    /// first active schedule (whose name is returned), with `warm` (the
+    /// forecast's warm pool) as an extra floor.
+    pub fn controls_at(&self, t: jiff::Timestamp, warm: u32) -> (Controls, Option<&str>) {
+        let mut c = Controls {
+            min: self.min_replicas.max(0) as u32,
+            max: self.max_replicas.max(0) as u32,
+            headroom: self.headroom,
+            idle_buffer: self.idle_buffer,
+            max_surge: self.max_surge,
+            scale_down_delay_secs: self.scale_down_delay.as_secs(),
+            warm,
+        };
+        let active = schedule::active(&self.schedules, t);
+        if let Some(s) = active {
+            let o = &s.overrides;
+            c.min = o.min.unwrap_or(c.min);
+            c.max = o.max.unwrap_or(c.max);
+            c.headroom = o.headroom.unwrap_or(c.headroom);
+            c.idle_buffer = o.idle_buffer.unwrap_or(c.idle_buffer);
+            c.max_surge = o.max_surge.or(c.max_surge);
+            c.scale_down_delay_secs = o
+                .scale_down_delay
+                .map_or(c.scale_down_delay_secs, |d| d.as_secs());
+        }
+        (c, active.map(|s| s.name.as_str()))
+    }
 }
 
 /// Checks a spec. On failure, returns every problem found, each prefixed with
@@ -74,6 +118,55 @@ pub fn validate(spec: &RunnerPoolSpec) -> Result<ValidSpec, Vec<String>> {
         ));
     }
 
+    let scale_down_delay = duration(
+        "spec.scaling.scaleDownDelay",
+        &scaling.scale_down_delay,
+        &mut errs,
+    );
+    if let (Some(idle), Some(delay)) = (idle_timeout, scale_down_delay)
+        && idle < delay
+    {
+        errs.push(format!(
+            "spec.scaling.idleTimeout: must be at least scaleDownDelay ({} < {})",
+            scaling.idle_timeout, scaling.scale_down_delay
+        ));
+    }
+    let nonneg = |field: &str, v: i32, errs: &mut Vec<String>| {
+        if v < 0 {
+            errs.push(format!("spec.scaling.{field}: must be at least 0"));
+        }
+        v.max(0) as u32
+    };
+    let headroom = nonneg("headroom", scaling.headroom, &mut errs);
+    let idle_buffer = nonneg("idleBuffer", scaling.idle_buffer, &mut errs);
+    let max_surge = match scaling.max_surge {
+        Some(v) if v < 1 => {
+            errs.push("spec.scaling.maxSurge: must be at least 1".into());
+            None
+        }
+        v => v.map(|v| v as u32),
+    };
+    let mut schedules = Vec::new();
+    for (i, sch) in scaling.schedules.iter().enumerate() {
+        if scaling.schedules[..i].iter().any(|o| o.name == sch.name) {
+            errs.push(format!(
+                "spec.scaling.schedules[{i}].name: {:?} is used twice",
+                sch.name
+            ));
+        }
+        match schedule::parse(i, sch) {
+            Ok(s) => schedules.push(s),
+            Err(e) => errs.extend(e),
+        }
+    }
+    let forecast = &scaling.forecast;
+    if !(0..=100).contains(&forecast.percent) {
+        errs.push("spec.scaling.forecast.percent: must be between 0 and 100".into());
+    }
+    let forecast_percent = forecast
+        .enabled
+        .then_some(forecast.percent.clamp(0, 100) as u32);
+
     let max_run_time = spec
         .runner
         .max_run_time
@@ -117,6 +210,12 @@ pub fn validate(spec: &RunnerPoolSpec) -> Result<ValidSpec, Vec<String>> {
             idle_timeout,
             poll_interval: poll_interval.unwrap_or(MIN_POLL_INTERVAL),
             max_run_time,
+            headroom,
+            idle_buffer,
+            max_surge,
+            scale_down_delay: scale_down_delay.unwrap_or_default(),
+            schedules,
+            forecast_percent,
         })
     } else {
         Err(errs)

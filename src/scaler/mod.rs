@@ -9,6 +9,7 @@
 
 pub mod policy;
 pub mod report;
+pub mod schedule;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -37,7 +38,7 @@ use crate::metrics::{Metrics, PoolLabels};
 use crate::resources::{
     FIELD_MANAGER, MANAGED_BY, MANAGED_BY_LABEL, SCALER_FIELD_MANAGER, status_equal_ignoring_time,
 };
-use policy::{Bounds, Demand, Input, Plan, VmView};
+use policy::{Demand, Input, Plan, VmView};
 use report::{PollState, Problem, Situation, build_status};
 
 /// A status whose only change is `lastPollTime` is written at most this often.
@@ -536,6 +537,9 @@ struct PoolTask {
     conditions: Vec<Condition>,
     written: Option<(RunnerPoolStatus, Instant)>,
     degraded_announced: bool,
+    policy: policy::State,
+    started: Instant,
+    schedule: Option<String>,
 }
 
 async fn run_pool(
@@ -556,6 +560,9 @@ async fn run_pool(
         conditions: first.conditions.clone(),
         written: None,
         degraded_announced: false,
+        policy: policy::State::default(),
+        started: Instant::now(),
+        schedule: None,
     };
     tokio::select! {
         _ = stop.cancelled() => return,
@@ -652,18 +659,20 @@ impl PoolTask {
         let mut plan_opt = None;
         if let (Some(pool), Some(spec)) = (&pool_obj, &cfg.spec) {
             let current = pool_view(pool).spec_replicas;
-            let bounds = Bounds {
-                min: spec.min_replicas.max(0) as u32,
-                max: spec.max_replicas.max(0) as u32,
-            };
+            let (controls, schedule) = spec.controls_at(Timestamp::now(), 0);
+            self.schedule = schedule.map(str::to_string);
             // While stalled (e.g. the API token Secret vanished) the pool is
             // held exactly like during a CircleCI outage.
-            let plan = policy::plan(&Input {
-                demand,
-                bounds,
-                current_replicas: current,
-                vms: &vms,
-            });
+            let plan = policy::plan(
+                &mut self.policy,
+                &Input {
+                    demand,
+                    controls,
+                    current_replicas: current,
+                    vms: &vms,
+                    now_secs: self.started.elapsed().as_secs(),
+                },
+            );
             let acted = act(&self.shared, key, current, &plan).await;
             if let Some((from, to)) = acted.scaled {
                 m.replica_writes.get_or_create(&self.labels).inc();
@@ -771,6 +780,7 @@ impl PoolTask {
             ready,
             last_poll: self.last_poll.clone(),
             selector: Some(crate::resources::selector(&key.name)),
+            active_schedule: self.schedule.clone(),
         };
         self.write_status(cfg, &situation).await;
 

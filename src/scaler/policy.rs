@@ -19,13 +19,48 @@ pub struct Demand {
     pub running: u32,
 }
 
-/// `spec.scaling` bounds.
+/// The scaling controls in force at one moment: `spec.scaling`, with the
+/// active schedule's overrides and the forecast's warm-pool target applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Controls {
+    /// `minReplicas`: a floor.
+    pub min: u32,
+    /// `maxReplicas`: a ceiling, whatever else says.
+    pub max: u32,
+    /// `headroom`: spare VMs above demand while there is demand (CircleCI's
+    /// reference semantics: none when the queue is empty).
+    pub headroom: u32,
+    /// `idleBuffer`: spare VMs above demand at all times (ARC `minRunners` /
+    /// GitLab `idle_count` semantics: additive, it does not vanish under load).
+    pub idle_buffer: u32,
+    /// `maxSurge`: at most this many VMs above the Ready ones (VMs still
+    /// booting count against it). `None`: no cap.
+    pub max_surge: Option<u32>,
+    /// `scaleDownDelay` in seconds: the desired size only goes down after
+    /// demand has stayed lower for this long.
+    pub scale_down_delay_secs: u64,
+    /// A floor from the forecast (VMs expected to be needed soon); 0 when
+    /// forecasting is off.
+    pub warm: u32,
+}
+
+/// `spec.scaling` bounds (the controls of the reference policy).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Bounds {
     /// `minReplicas`.
     pub min: u32,
     /// `maxReplicas`.
     pub max: u32,
+}
+
+impl From<Bounds> for Controls {
+    fn from(b: Bounds) -> Self {
+        Controls {
+            min: b.min,
+            max: b.max,
+            ..Default::default()
+        }
+    }
 }
 
 /// What a VM is doing, as far as scale-in is concerned.
@@ -59,18 +94,28 @@ pub struct VmView {
 pub struct Input<'a> {
     /// Fresh counts, or `None` when the last poll failed.
     pub demand: Option<Demand>,
-    /// Scaling bounds.
-    pub bounds: Bounds,
+    /// The controls in force.
+    pub controls: Controls,
     /// The pool's current `spec.replicas`.
     pub current_replicas: u32,
     /// The pool's VMs.
     pub vms: &'a [VmView],
+    /// Seconds on a monotonic clock (for `scaleDownDelay`).
+    pub now_secs: u64,
+}
+
+/// What a pool's policy remembers between ticks (bounded).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct State {
+    /// Recent (time, wanted size) pairs, kept for `scaleDownDelay`; wanted
+    /// sizes are kept decreasing, so the front is the window's maximum.
+    recent: std::collections::VecDeque<(u64, u32)>,
 }
 
 /// What to do.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// `clamp(unclaimed + running, min, max)`, when demand is known.
+    /// The size the pool should have now, when demand is known.
     pub desired: Option<u32>,
     /// The pool's new `spec.replicas` (equal to the current one: no write).
     pub replicas: u32,
@@ -92,15 +137,27 @@ impl Plan {
     }
 }
 
-/// `clamp(unclaimed + running, min, max)`; a `min` above `max` (rejected by
-/// validation) yields `max`, the safer bound.
+/// `clamp(unclaimed + running, min, max)`: the reference's formula. A `min`
+/// above `max` (rejected by validation) yields `max`, the safer bound.
 pub fn desired(demand: Demand, bounds: Bounds) -> u32 {
-    let want = demand.unclaimed.saturating_add(demand.running);
-    want.max(bounds.min).min(bounds.max)
+    wanted(demand, &bounds.into())
 }
 
-/// The plan for one tick.
-pub fn plan(input: &Input<'_>) -> Plan {
+/// The size demand asks for under `c`, before `scaleDownDelay` and
+/// `maxSurge`: `unclaimed + running`, plus `headroom` while that is above
+/// zero, plus `idleBuffer`, at least the forecast's `warm` floor, clamped to
+/// `[min, max]` (`max` wins).
+pub fn wanted(demand: Demand, c: &Controls) -> u32 {
+    let base = demand.unclaimed.saturating_add(demand.running);
+    let mut want = base.saturating_add(c.idle_buffer);
+    if base > 0 {
+        want = want.saturating_add(c.headroom);
+    }
+    want.max(c.warm).max(c.min).min(c.max)
+}
+
+/// The plan for one tick. `state` carries what `scaleDownDelay` needs.
+pub fn plan(state: &mut State, input: &Input<'_>) -> Plan {
     let mut active = 0u32;
     let mut ready = 0u32;
     let mut retire = Vec::new();
@@ -124,7 +181,29 @@ pub fn plan(input: &Input<'_>) -> Plan {
     retire.sort();
     release.sort();
 
-    let desired = input.demand.map(|d| desired(d, input.bounds));
+    let c = &input.controls;
+    let desired = input.demand.map(|d| {
+        let want = wanted(d, c);
+        // scaleDownDelay: the largest wanted size within the window.
+        let now = input.now_secs;
+        let q = &mut state.recent;
+        while q.back().is_some_and(|&(_, w)| w <= want) {
+            q.pop_back();
+        }
+        q.push_back((now, want));
+        while q
+            .front()
+            .is_some_and(|&(t, _)| now.saturating_sub(t) > c.scale_down_delay_secs)
+        {
+            q.pop_front();
+        }
+        let held = q.front().map_or(want, |&(_, w)| w.max(want));
+        // maxSurge: no more than `max_surge` VMs beyond the Ready ones.
+        match c.max_surge {
+            Some(s) => held.min(ready.saturating_add(s)).max(c.min.min(c.max)),
+            None => held,
+        }
+    });
     let replicas = match desired {
         // Retiring the stopped VMs and writing max(desired, active) is the
         // recipe's "first lower replicas by the number retired": the pool then
@@ -233,12 +312,16 @@ mod tests {
     #[test]
     fn scale_out_to_demand() {
         let vms = [vm("p-0", VmState::Active)];
-        let p = plan(&Input {
-            demand: d(4, 1),
-            bounds: b(1, 10),
-            current_replicas: 1,
-            vms: &vms,
-        });
+        let p = plan(
+            &mut State::default(),
+            &Input {
+                demand: d(4, 1),
+                controls: b(1, 10).into(),
+                now_secs: 0,
+                current_replicas: 1,
+                vms: &vms,
+            },
+        );
         assert_eq!(p.desired, Some(5));
         assert_eq!(p.replicas, 5);
         assert!(p.changes_replicas(1));
@@ -251,22 +334,30 @@ mod tests {
         let vms: Vec<_> = (0..4)
             .map(|i| vm(&format!("p-{i}"), VmState::Active))
             .collect();
-        let p = plan(&Input {
-            demand: d(0, 0),
-            bounds: b(1, 10),
-            current_replicas: 6,
-            vms: &vms,
-        });
+        let p = plan(
+            &mut State::default(),
+            &Input {
+                demand: d(0, 0),
+                controls: b(1, 10).into(),
+                now_secs: 0,
+                current_replicas: 6,
+                vms: &vms,
+            },
+        );
         assert_eq!(p.desired, Some(1));
         assert_eq!(p.replicas, 4);
         assert_eq!(p.active, 4);
         // even above max (max lowered while VMs run)
-        let p = plan(&Input {
-            demand: d(9, 9),
-            bounds: b(0, 2),
-            current_replicas: 4,
-            vms: &vms,
-        });
+        let p = plan(
+            &mut State::default(),
+            &Input {
+                demand: d(9, 9),
+                controls: b(0, 2).into(),
+                now_secs: 0,
+                current_replicas: 4,
+                vms: &vms,
+            },
+        );
         assert_eq!(p.replicas, 4);
     }
 
@@ -278,12 +369,16 @@ mod tests {
             vm("p-2", VmState::Active),
             vm("p-3", VmState::Stopped),
         ];
-        let p = plan(&Input {
-            demand: d(0, 1),
-            bounds: b(1, 10),
-            current_replicas: 4,
-            vms: &vms,
-        });
+        let p = plan(
+            &mut State::default(),
+            &Input {
+                demand: d(0, 1),
+                controls: b(1, 10).into(),
+                now_secs: 0,
+                current_replicas: 4,
+                vms: &vms,
+            },
+        );
         assert_eq!(p.retire, ["p-1", "p-3"]);
         assert_eq!(
             p.replicas, 2,
@@ -295,12 +390,16 @@ mod tests {
     #[test]
     fn retired_vms_are_replaced_when_demand_remains() {
         let vms = [vm("p-0", VmState::Stopped), vm("p-1", VmState::Stopped)];
-        let p = plan(&Input {
-            demand: d(3, 0),
-            bounds: b(0, 10),
-            current_replicas: 2,
-            vms: &vms,
-        });
+        let p = plan(
+            &mut State::default(),
+            &Input {
+                demand: d(3, 0),
+                controls: b(0, 10).into(),
+                now_secs: 0,
+                current_replicas: 2,
+                vms: &vms,
+            },
+        );
         assert_eq!(p.retire, ["p-0", "p-1"]);
         assert_eq!(p.replicas, 3);
     }
@@ -309,12 +408,16 @@ mod tests {
     fn unknown_demand_holds_replicas() {
         let vms = [vm("p-0", VmState::Active), vm("p-1", VmState::Stopped)];
         for current in [0, 2, 9] {
-            let p = plan(&Input {
-                demand: None,
-                bounds: b(1, 10),
-                current_replicas: current,
-                vms: &vms,
-            });
+            let p = plan(
+                &mut State::default(),
+                &Input {
+                    demand: None,
+                    controls: b(1, 10).into(),
+                    now_secs: 0,
+                    current_replicas: current,
+                    vms: &vms,
+                },
+            );
             assert_eq!(p.replicas, current, "hold at {current}");
             assert_eq!(p.desired, None);
             assert!(!p.changes_replicas(current));
@@ -333,12 +436,16 @@ mod tests {
         done.has_pool_finalizer = false;
         gone.ready = false;
         let vms = [vm("p-0", VmState::Active), gone, done];
-        let p = plan(&Input {
-            demand: d(0, 0),
-            bounds: b(0, 10),
-            current_replicas: 3,
-            vms: &vms,
-        });
+        let p = plan(
+            &mut State::default(),
+            &Input {
+                demand: d(0, 0),
+                controls: b(0, 10).into(),
+                now_secs: 0,
+                current_replicas: 3,
+                vms: &vms,
+            },
+        );
         assert_eq!(p.release, ["p-1"]);
         assert_eq!(p.active, 1);
         assert_eq!(p.replicas, 1);
@@ -353,12 +460,16 @@ mod tests {
             booting,
             vm("p-2", VmState::Stopped),
         ];
-        let p = plan(&Input {
-            demand: d(1, 1),
-            bounds: b(0, 10),
-            current_replicas: 3,
-            vms: &vms,
-        });
+        let p = plan(
+            &mut State::default(),
+            &Input {
+                demand: d(1, 1),
+                controls: b(0, 10).into(),
+                now_secs: 0,
+                current_replicas: 3,
+                vms: &vms,
+            },
+        );
         assert_eq!(p.ready, 1);
         assert_eq!(p.active, 2);
     }
@@ -387,12 +498,16 @@ mod tests {
                 for demand in [None, d(0, 0), d(2, 1), d(50, 50)] {
                     for (min, max) in [(0, 0), (0, 3), (2, 4), (5, 10)] {
                         for current in [0, 2, 7] {
-                            let p = plan(&Input {
-                                demand,
-                                bounds: b(min, max),
-                                current_replicas: current,
-                                vms: &vms,
-                            });
+                            let p = plan(
+                                &mut State::default(),
+                                &Input {
+                                    demand,
+                                    controls: b(min, max).into(),
+                                    now_secs: 0,
+                                    current_replicas: current,
+                                    vms: &vms,
+                                },
+                            );
                             assert!(p.replicas >= active.len() as u32 || demand.is_none());
                             assert!(p.retire.iter().all(|r| !active.contains(&r)));
                             if demand.is_none() {
@@ -403,6 +518,240 @@ mod tests {
                             }
                         }
                     }
+                }
+            }
+        }
+    }
+
+    fn c(min: u32, max: u32) -> Controls {
+        b(min, max).into()
+    }
+
+    fn run(state: &mut State, controls: Controls, d: (u32, u32), vms: &[VmView], now: u64) -> Plan {
+        plan(
+            state,
+            &Input {
+                demand: Some(Demand {
+                    unclaimed: d.0,
+                    running: d.1,
+                }),
+                controls,
+                current_replicas: 0,
+                vms,
+                now_secs: now,
+            },
+        )
+    }
+
+    #[test]
+    fn headroom_only_while_there_is_demand_and_idle_buffer_always() {
+        let hr = Controls {
+            headroom: 2,
+            ..c(0, 20)
+        };
+        assert_eq!(
+            wanted(
+                Demand {
+                    unclaimed: 0,
+                    running: 0
+                },
+                &hr
+            ),
+            0
+        );
+        assert_eq!(
+            wanted(
+                Demand {
+                    unclaimed: 3,
+                    running: 1
+                },
+                &hr
+            ),
+            6
+        );
+        let ib = Controls {
+            idle_buffer: 2,
+            ..c(1, 20)
+        };
+        assert_eq!(
+            wanted(
+                Demand {
+                    unclaimed: 0,
+                    running: 0
+                },
+                &ib
+            ),
+            2
+        );
+        assert_eq!(
+            wanted(
+                Demand {
+                    unclaimed: 3,
+                    running: 1
+                },
+                &ib
+            ),
+            6,
+            "additive, unlike min"
+        );
+        let floor = c(3, 20);
+        assert_eq!(
+            wanted(
+                Demand {
+                    unclaimed: 3,
+                    running: 1
+                },
+                &floor
+            ),
+            4,
+            "min is a floor"
+        );
+        let capped = Controls {
+            headroom: 5,
+            idle_buffer: 5,
+            warm: 30,
+            ..c(0, 7)
+        };
+        assert_eq!(
+            wanted(
+                Demand {
+                    unclaimed: 9,
+                    running: 9
+                },
+                &capped
+            ),
+            7,
+            "max wins"
+        );
+        let warm = Controls {
+            warm: 4,
+            ..c(1, 10)
+        };
+        assert_eq!(
+            wanted(
+                Demand {
+                    unclaimed: 1,
+                    running: 0
+                },
+                &warm
+            ),
+            4
+        );
+    }
+
+    #[test]
+    fn scale_down_delay_holds_the_window_maximum() {
+        let ctl = Controls {
+            scale_down_delay_secs: 60,
+            ..c(0, 20)
+        };
+        let mut st = State::default();
+        assert_eq!(run(&mut st, ctl, (5, 0), &[], 0).desired, Some(5));
+        assert_eq!(run(&mut st, ctl, (1, 0), &[], 30).desired, Some(5), "held");
+        assert_eq!(
+            run(&mut st, ctl, (2, 0), &[], 60).desired,
+            Some(5),
+            "still in the window"
+        );
+        assert_eq!(
+            run(&mut st, ctl, (2, 0), &[], 61).desired,
+            Some(2),
+            "the 5 left the window"
+        );
+        assert_eq!(
+            run(&mut st, ctl, (8, 0), &[], 62).desired,
+            Some(8),
+            "growth is immediate"
+        );
+        assert!(st.recent.len() <= 3, "bounded: {:?}", st.recent);
+        let mut st = State::default();
+        let now0 = c(0, 20);
+        assert_eq!(run(&mut st, now0, (5, 0), &[], 0).desired, Some(5));
+        assert_eq!(
+            run(&mut st, now0, (1, 0), &[], 1).desired,
+            Some(1),
+            "no delay"
+        );
+    }
+
+    #[test]
+    fn max_surge_caps_vms_beyond_ready_ones() {
+        let ctl = Controls {
+            max_surge: Some(2),
+            ..c(0, 50)
+        };
+        let mut ready = vm("p-0", VmState::Active);
+        ready.ready = true;
+        let mut booting = vm("p-1", VmState::Active);
+        booting.ready = false;
+        let vms = [ready, booting];
+        let p = run(&mut State::default(), ctl, (10, 0), &vms, 0);
+        assert_eq!(p.desired, Some(3), "1 ready + 2 surge");
+        assert_eq!(p.replicas, 3);
+    }
+
+    /// Randomized check of the safety invariant under every control: the
+    /// plan never sets replicas below the VMs that may be running a job
+    /// (unless holding without demand), never retires one, and only retires
+    /// powered-off VMs.
+    #[test]
+    fn no_control_ever_implies_losing_a_busy_vm() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let states = [VmState::Active, VmState::Stopped, VmState::Terminating];
+        for _ in 0..20_000 {
+            let n = rng.random_range(0..12);
+            let vms: Vec<_> = (0..n)
+                .map(|i| {
+                    let mut v = vm(&format!("p-{i}"), states[rng.random_range(0..3)]);
+                    v.ready = rng.random_bool(0.5);
+                    v
+                })
+                .collect();
+            let min = rng.random_range(0..6);
+            let ctl = Controls {
+                min,
+                max: rng.random_range(min..min + 10),
+                headroom: rng.random_range(0..4),
+                idle_buffer: rng.random_range(0..4),
+                max_surge: rng.random_bool(0.3).then(|| rng.random_range(1..4)),
+                scale_down_delay_secs: rng.random_range(0..3) * 30,
+                warm: rng.random_range(0..8),
+            };
+            let demand = rng.random_bool(0.9).then(|| Demand {
+                unclaimed: rng.random_range(0..30),
+                running: rng.random_range(0..30),
+            });
+            let current = rng.random_range(0..15);
+            let mut st = State::default();
+            for t in 0..3u64 {
+                let p = plan(
+                    &mut st,
+                    &Input {
+                        demand,
+                        controls: ctl,
+                        current_replicas: current,
+                        vms: &vms,
+                        now_secs: t * 20,
+                    },
+                );
+                let active = vms.iter().filter(|v| v.state == VmState::Active).count() as u32;
+                if demand.is_some() {
+                    assert!(p.replicas >= active, "{ctl:?} {vms:?} -> {p:?}");
+                    assert!(p.replicas <= ctl.max.max(active));
+                } else {
+                    assert_eq!(p.replicas, current);
+                }
+                for r in &p.retire {
+                    let v = vms
+                        .iter()
+                        .find(|v| &v.name == r)
+                        .expect("retired VM exists");
+                    assert_eq!(
+                        v.state,
+                        VmState::Stopped,
+                        "only powered-off VMs are retired"
+                    );
                 }
             }
         }

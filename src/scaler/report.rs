@@ -80,6 +80,8 @@ pub struct Situation {
     pub last_poll: Option<Time>,
     /// `status.selector`.
     pub selector: Option<String>,
+    /// The active schedule entry.
+    pub active_schedule: Option<String>,
 }
 
 fn as_i32(n: Option<u32>) -> Option<i32> {
@@ -172,6 +174,7 @@ pub fn build_status(s: &Situation, previous: &[Condition], now: Time) -> RunnerP
         ready_replicas: as_i32(s.ready),
         last_poll_time: s.last_poll.clone(),
         selector: s.selector.clone(),
+        active_schedule: s.active_schedule.clone(),
         conditions,
     }
 }
@@ -210,6 +213,7 @@ mod tests {
             ready: Some(2),
             last_poll: Some(t(100)),
             selector: Some("runners.provisioner.dev/pool=p".into()),
+            active_schedule: None,
         }
     }
 
