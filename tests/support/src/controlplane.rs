@@ -55,10 +55,12 @@ pub fn tools_bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("RP_TOOLS_BIN") {
         return dir.into();
     }
-    let cache = std::env::var_os("RP_TOOLS_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-        Path::new(&home).join(".cache/runner-provisioner/tools")
-    });
+    let cache = std::env::var_os("RP_TOOLS_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+            Path::new(&home).join(".cache/runner-provisioner/tools")
+        });
     cache
         .join(format!(
             "k8s-{}-etcd-{}-helm-{}",
@@ -128,8 +130,17 @@ fn spawn(name: &'static str, bin: &Path, args: &[String], log_dir: &Path) -> Res
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
         });
     }
-    let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
     Ok(Proc { name, child })
+}
+
+/// The first process of `procs` that has exited.
+fn first_exited(procs: &mut [Proc]) -> Option<&'static str> {
+    procs
+        .iter_mut()
+        .find_map(|p| matches!(p.child.try_wait(), Ok(Some(_))).then_some(p.name))
 }
 
 fn log_tail(dir: &Path, name: &str) -> String {
@@ -144,12 +155,17 @@ struct Pki {
     serving_key: String,
     admin_cert: String,
     admin_key: String,
+    /// Service-account token signing key (private) and its public half: the
+    /// apiserver's `--service-account-key-file` accepts only public keys.
     sa_key: String,
+    sa_pub: String,
 }
 
 fn make_pki() -> Result<Pki> {
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.distinguished_name.push(DnType::CommonName, "rp-testenv-ca");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "rp-testenv-ca");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -165,25 +181,31 @@ fn make_pki() -> Result<Pki> {
         "kubernetes.default".to_string(),
         "kubernetes.default.svc".to_string(),
     ])?;
-    serving.distinguished_name.push(DnType::CommonName, "kube-apiserver");
+    serving
+        .distinguished_name
+        .push(DnType::CommonName, "kube-apiserver");
     serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let serving_key = KeyPair::generate()?;
     let serving_cert = serving.signed_by(&serving_key, &ca)?;
 
     let mut admin = CertificateParams::new(Vec::<String>::new())?;
     admin.distinguished_name.push(DnType::CommonName, "admin");
-    admin.distinguished_name.push(DnType::OrganizationName, "system:masters");
+    admin
+        .distinguished_name
+        .push(DnType::OrganizationName, "system:masters");
     admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let admin_key = KeyPair::generate()?;
     let admin_cert = admin.signed_by(&admin_key, &ca)?;
 
+    let sa = KeyPair::generate()?;
     Ok(Pki {
         ca_pem: ca.pem(),
         serving_cert: serving_cert.pem(),
         serving_key: serving_key.serialize_pem(),
         admin_cert: admin_cert.pem(),
         admin_key: admin_key.serialize_pem(),
-        sa_key: KeyPair::generate()?.serialize_pem(),
+        sa_key: sa.serialize_pem(),
+        sa_pub: sa.public_key_pem(),
     })
 }
 
@@ -205,8 +227,24 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<()>
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, check: F) -> Result<()>
 where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    wait_while_alive(what, timeout, || None, check).await
+}
+
+/// Polls `check` until it answers true; fails at once when `exited` names a
+/// process that died meanwhile (a crashed apiserver does not come back).
+async fn wait_while_alive<E, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut exited: E,
+    mut check: F,
+) -> Result<()>
+where
+    E: FnMut() -> Option<&'static str>,
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<bool>>,
 {
@@ -217,6 +255,9 @@ where
             Ok(true) => return Ok(()),
             Ok(false) => {}
             Err(e) => last_err = Some(e),
+        }
+        if let Some(name) = exited() {
+            return Err(anyhow!("{name} exited while waiting for {what}"));
         }
         if Instant::now() > deadline {
             return Err(anyhow!(
@@ -251,6 +292,7 @@ impl ControlPlane {
         let tls_cert = write("apiserver.crt", &pki.serving_cert)?;
         let tls_key = write("apiserver.key", &pki.serving_key)?;
         let sa_key = write("sa.key", &pki.sa_key)?;
+        let sa_pub = write("sa.pub", &pki.sa_pub)?;
 
         let mut cp = ControlPlane {
             procs: Vec::new(),
@@ -276,9 +318,13 @@ impl ControlPlane {
             "--log-level=warn".into(),
         ];
         cp.procs.push(spawn("etcd", &etcd_bin, &etcd_args, &root)?);
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
         let health = format!("{etcd_url}/health");
-        wait_for("etcd /health", Duration::from_secs(60), || {
+        let procs = &mut cp.procs;
+        let exited = || first_exited(procs);
+        wait_while_alive("etcd /health", Duration::from_secs(60), exited, || {
             let (http, health) = (http.clone(), health.clone());
             async move {
                 let body = http.get(&health).send().await?.text().await?;
@@ -300,20 +346,28 @@ impl ControlPlane {
             format!("--secure-port={port}"),
             "--bind-address=127.0.0.1".into(),
             "--advertise-address=127.0.0.1".into(),
+            // A loopback advertise address is refused by the lease endpoint
+            // reconciler (1.37: "may not be in the loopback range"); nothing
+            // here needs the `kubernetes` Service's endpoints.
+            "--endpoint-reconciler-type=none".into(),
             "--service-cluster-ip-range=10.0.0.0/24".into(),
             "--allow-privileged=true".into(),
             "--authorization-mode=RBAC".into(),
             "--disable-admission-plugins=ServiceAccount".into(),
             format!("--service-account-issuer=https://127.0.0.1:{port}/"),
-            format!("--service-account-key-file={}", sa_key.display()),
+            format!("--service-account-key-file={}", sa_pub.display()),
             format!("--service-account-signing-key-file={}", sa_key.display()),
             "--v=1".into(),
         ];
-        cp.procs.push(spawn("kube-apiserver", &apiserver_bin, &api_args, &root)?);
+        cp.procs
+            .push(spawn("kube-apiserver", &apiserver_bin, &api_args, &root)?);
         std::fs::write(&cp.kubeconfig, kubeconfig_yaml(&cp.server, &pki))?;
         cp.client = client_from_kubeconfig(&cp.kubeconfig).await?;
         let client = cp.client.clone();
-        wait_for("kube-apiserver /readyz and the default namespace", Duration::from_secs(120), || {
+        let procs = &mut cp.procs;
+        let exited = || first_exited(procs);
+        let what = "kube-apiserver /readyz and the default namespace";
+        wait_while_alive(what, Duration::from_secs(120), exited, || {
             let client = client.clone();
             async move {
                 let req = http::Request::get("/readyz").body(Vec::new())?;
@@ -326,7 +380,12 @@ impl ControlPlane {
             }
         })
         .await
-        .map_err(|e| anyhow!("{e}\nkube-apiserver log:\n{}", log_tail(&root, "kube-apiserver")))?;
+        .map_err(|e| {
+            anyhow!(
+                "{e}\nkube-apiserver log:\n{}",
+                log_tail(&root, "kube-apiserver")
+            )
+        })?;
 
         for yaml in &opts.crds {
             cp.apply_yaml(yaml).await?;
@@ -341,7 +400,12 @@ impl ControlPlane {
             "--use-service-account-credentials=false".into(),
             "--concurrent-gc-syncs=5".into(),
         ];
-        cp.procs.push(spawn("kube-controller-manager", &kcm_bin, &kcm_args, &root)?);
+        cp.procs.push(spawn(
+            "kube-controller-manager",
+            &kcm_bin,
+            &kcm_args,
+            &root,
+        )?);
         cp.startup = t0.elapsed();
         Ok(cp)
     }
@@ -364,6 +428,12 @@ impl ControlPlane {
     /// The temporary directory holding certificates, data and process logs.
     pub fn dir(&self) -> &Path {
         self.dir.as_ref().expect("dir is kept until drop").path()
+    }
+
+    /// Name and pid of each control-plane process (`etcd`, `kube-apiserver`,
+    /// `kube-controller-manager`). Each is the leader of its own process group.
+    pub fn pids(&self) -> Vec<(&'static str, u32)> {
+        self.procs.iter().map(|p| (p.name, p.child.id())).collect()
     }
 
     /// Whether a control-plane process has exited (it should not have).
@@ -392,22 +462,34 @@ pub async fn apply_yaml(client: &Client, yaml: &str) -> Result<()> {
             continue;
         }
         let obj: DynamicObject = serde_json::from_value(value.clone())?;
-        let tm = obj.types.clone().ok_or_else(|| anyhow!("document without apiVersion/kind"))?;
-        let name = obj.metadata.name.clone().ok_or_else(|| anyhow!("{} without a name", tm.kind))?;
+        let tm = obj
+            .types
+            .clone()
+            .ok_or_else(|| anyhow!("document without apiVersion/kind"))?;
+        let name = obj
+            .metadata
+            .name
+            .clone()
+            .ok_or_else(|| anyhow!("{} without a name", tm.kind))?;
         let pp = PatchParams::apply(FIELD_MANAGER).force();
         if tm.kind == "CustomResourceDefinition" {
             let api: Api<CustomResourceDefinition> = Api::all(client.clone());
             api.patch(&name, &pp, &Patch::Apply(&value)).await?;
-            wait_for(&format!("CRD {name} Established"), Duration::from_secs(60), || {
-                let api = api.clone();
-                let name = name.clone();
-                async move {
-                    let crd = api.get(&name).await?;
-                    Ok(crd.status.and_then(|s| s.conditions).is_some_and(|cs| {
-                        cs.iter().any(|c| c.type_ == "Established" && c.status == "True")
-                    }))
-                }
-            })
+            wait_for(
+                &format!("CRD {name} Established"),
+                Duration::from_secs(60),
+                || {
+                    let api = api.clone();
+                    let name = name.clone();
+                    async move {
+                        let crd = api.get(&name).await?;
+                        Ok(crd.status.and_then(|s| s.conditions).is_some_and(|cs| {
+                            cs.iter()
+                                .any(|c| c.type_ == "Established" && c.status == "True")
+                        }))
+                    }
+                },
+            )
             .await?;
             discovery = None;
             continue;
@@ -417,7 +499,11 @@ pub async fn apply_yaml(client: &Client, yaml: &str) -> Result<()> {
             None => (String::new(), tm.api_version.clone()),
         };
         let gvk = kube::api::GroupVersionKind::gvk(&group, &version, &tm.kind);
-        if discovery.as_ref().and_then(|d| d.resolve_gvk(&gvk)).is_none() {
+        if discovery
+            .as_ref()
+            .and_then(|d| d.resolve_gvk(&gvk))
+            .is_none()
+        {
             discovery = Some(Discovery::new(client.clone()).run().await?);
         }
         let (ar, caps) = discovery
@@ -425,7 +511,11 @@ pub async fn apply_yaml(client: &Client, yaml: &str) -> Result<()> {
             .and_then(|d| d.resolve_gvk(&gvk))
             .ok_or_else(|| anyhow!("the apiserver does not serve {gvk:?}"))?;
         let api: Api<DynamicObject> = if caps.scope == Scope::Namespaced {
-            let ns = obj.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+            let ns = obj
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
             Api::namespaced_with(client.clone(), &ns, &ar)
         } else {
             Api::all_with(client.clone(), &ar)
@@ -458,10 +548,10 @@ impl Drop for ControlPlane {
                 }
             }
         }
-        if std::env::var_os("RP_KEEP_TESTENV").is_some() {
-            if let Some(dir) = self.dir.take() {
-                eprintln!("rp-testenv: kept {}", dir.keep().display());
-            }
+        if std::env::var_os("RP_KEEP_TESTENV").is_some()
+            && let Some(dir) = self.dir.take()
+        {
+            eprintln!("rp-testenv: kept {}", dir.keep().display());
         }
     }
 }

@@ -52,16 +52,21 @@ where
 
 #[tokio::test]
 async fn control_plane_is_real_and_enforces_schemas() {
-    let cp = ControlPlane::start(ControlPlaneOptions { crds: vec![WIDGET_CRD.into()] })
-        .await
-        .expect("control plane starts");
+    let cp = ControlPlane::start(ControlPlaneOptions {
+        crds: vec![WIDGET_CRD.into()],
+    })
+    .await
+    .expect("control plane starts");
     eprintln!("control plane started in {:?}", cp.startup);
     let client = cp.client();
 
     let version = client.apiserver_version().await.unwrap();
     assert_eq!(
         version.git_version,
-        format!("v{}", rp_testenv::controlplane::pinned_version("KUBE_VERSION"))
+        format!(
+            "v{}",
+            rp_testenv::controlplane::pinned_version("KUBE_VERSION")
+        )
     );
 
     let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("test.rp.dev", "v1", "Widget"));
@@ -73,24 +78,36 @@ async fn control_plane_is_real_and_enforces_schemas() {
         }))
         .unwrap()
     };
-    api.create(&PostParams::default(), &widget("ok", json!({"min": 1, "max": 2, "class": "acme/linux"})))
-        .await
-        .expect("a valid object is accepted");
+    api.create(
+        &PostParams::default(),
+        &widget("ok", json!({"min": 1, "max": 2, "class": "acme/linux"})),
+    )
+    .await
+    .expect("a valid object is accepted");
 
     let err = api
-        .create(&PostParams::default(), &widget("cel", json!({"min": 3, "max": 2})))
+        .create(
+            &PostParams::default(),
+            &widget("cel", json!({"min": 3, "max": 2})),
+        )
         .await
         .expect_err("CEL rule rejects min > max");
     assert!(err.to_string().contains("min must not exceed max"), "{err}");
 
     let err = api
-        .create(&PostParams::default(), &widget("pattern", json!({"min": 0, "max": 1, "class": "Bad/x"})))
+        .create(
+            &PostParams::default(),
+            &widget("pattern", json!({"min": 0, "max": 1, "class": "Bad/x"})),
+        )
         .await
         .expect_err("pattern rejects a bad class");
     assert!(err.to_string().contains("spec.class"), "{err}");
 
     let err = api
-        .create(&PostParams::default(), &widget("neg", json!({"min": -1, "max": 1})))
+        .create(
+            &PostParams::default(),
+            &widget("neg", json!({"min": -1, "max": 1})),
+        )
         .await
         .expect_err("minimum rejects a negative min");
     assert!(err.to_string().contains("spec.min"), "{err}");
@@ -98,20 +115,27 @@ async fn control_plane_is_real_and_enforces_schemas() {
 
 #[tokio::test]
 async fn garbage_collector_and_namespace_controller_run() {
-    let mut cp = ControlPlane::start(ControlPlaneOptions::default()).await.unwrap();
+    let mut cp = ControlPlane::start(ControlPlaneOptions::default())
+        .await
+        .unwrap();
     let client = cp.client();
 
     let ns: Api<Namespace> = Api::all(client.clone());
     ns.patch(
         "gc-test",
         &PatchParams::apply("test"),
-        &Patch::Apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "gc-test"}})),
+        &Patch::Apply(
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "gc-test"}}),
+        ),
     )
     .await
     .unwrap();
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "gc-test");
     let owner = cms
-        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "owner"}})).unwrap())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "owner"}})).unwrap(),
+        )
         .await
         .unwrap();
     let uid = owner.metadata.uid.unwrap();
@@ -126,24 +150,40 @@ async fn garbage_collector_and_namespace_controller_run() {
     .unwrap();
 
     cms.delete("owner", &DeleteParams::default()).await.unwrap();
-    eventually("the garbage collector to delete the owned ConfigMap", Duration::from_secs(60), || {
-        let cms = cms.clone();
-        async move { cms.get_opt("child").await.unwrap().is_none() }
-    })
+    eventually(
+        "the garbage collector to delete the owned ConfigMap",
+        Duration::from_secs(60),
+        || {
+            let cms = cms.clone();
+            async move { cms.get_opt("child").await.unwrap().is_none() }
+        },
+    )
     .await;
 
-    ns.delete("gc-test", &DeleteParams::default()).await.unwrap();
-    eventually("the namespace controller to finish deleting gc-test", Duration::from_secs(60), || {
-        let ns = ns.clone();
-        async move { ns.get_opt("gc-test").await.unwrap().is_none() }
-    })
+    ns.delete("gc-test", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the namespace controller to finish deleting gc-test",
+        Duration::from_secs(60),
+        || {
+            let ns = ns.clone();
+            async move { ns.get_opt("gc-test").await.unwrap().is_none() }
+        },
+    )
     .await;
-    assert!(cp.exited().is_empty(), "no control-plane process exited: {:?}", cp.exited());
+    assert!(
+        cp.exited().is_empty(),
+        "no control-plane process exited: {:?}",
+        cp.exited()
+    );
 }
 
 #[tokio::test]
 async fn drop_stops_every_process_and_removes_the_directory() {
-    let cp = ControlPlane::start(ControlPlaneOptions::default()).await.unwrap();
+    let cp = ControlPlane::start(ControlPlaneOptions::default())
+        .await
+        .unwrap();
     let dir = cp.dir().to_path_buf();
     let port: u16 = cp.server().rsplit(':').next().unwrap().parse().unwrap();
     drop(cp);
@@ -156,5 +196,9 @@ async fn drop_stops_every_process_and_removes_the_directory() {
         .args(["-f", &dir.display().to_string()])
         .output()
         .unwrap();
-    assert!(leftovers.stdout.is_empty(), "no process still uses {}", dir.display());
+    assert!(
+        leftovers.stdout.is_empty(),
+        "no process still uses {}",
+        dir.display()
+    );
 }

@@ -288,7 +288,10 @@ impl Ctx {
     }
     /// Wall-clock duration of a simulated one, at least 1 ms.
     pub(crate) fn wall(&self, simulated: Duration) -> Duration {
-        self.cfg.time_scale.wall(simulated).max(Duration::from_millis(1))
+        self.cfg
+            .time_scale
+            .wall(simulated)
+            .max(Duration::from_millis(1))
     }
     pub(crate) fn enqueue_pool(&self, ns: &str, name: &str) {
         let _ = self
@@ -309,15 +312,21 @@ impl Ctx {
             .unbounded_send(ObjectRef::new_with(name, self.ar_vmi.clone()).within(ns));
     }
     pub(crate) fn get_vm(&self, ns: &str, name: &str) -> Option<Arc<DynamicObject>> {
-        self.vms.get(&ObjectRef::new_with(name, self.ar_vm.clone()).within(ns))
+        self.vms
+            .get(&ObjectRef::new_with(name, self.ar_vm.clone()).within(ns))
     }
     pub(crate) fn get_vmi(&self, ns: &str, name: &str) -> Option<Arc<DynamicObject>> {
-        self.vmis.get(&ObjectRef::new_with(name, self.ar_vmi.clone()).within(ns))
+        self.vmis
+            .get(&ObjectRef::new_with(name, self.ar_vmi.clone()).within(ns))
     }
     pub(crate) fn incident(&self, ns: &str, pool: &str, message: String) {
         tracing::error!(namespace = ns, pool, "{message}");
         let mut st = self.state();
-        let inc = KubeVirtIncident { namespace: ns.into(), pool: pool.into(), message };
+        let inc = KubeVirtIncident {
+            namespace: ns.into(),
+            pool: pool.into(),
+            message,
+        };
         if !st.incidents.contains(&inc) {
             st.incidents.push(inc);
         }
@@ -355,7 +364,9 @@ pub struct KubeVirtSim {
 
 impl std::fmt::Debug for KubeVirtSim {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KubeVirtSim").field("config", &self.ctx.cfg).finish()
+        f.debug_struct("KubeVirtSim")
+            .field("config", &self.ctx.cfg)
+            .finish()
     }
 }
 
@@ -381,7 +392,9 @@ impl KubeVirtSim {
             let api: Api<DynamicObject> = Api::all_with(client.clone(), ar);
             api.list(&kube::api::ListParams::default().limit(1))
                 .await
-                .with_context(|| format!("listing {} (are the KubeVirt CRDs installed?)", ar.plural))?;
+                .with_context(|| {
+                    format!("listing {} (are the KubeVirt CRDs installed?)", ar.plural)
+                })?;
         }
         let pool_writer = reflector::store::Writer::new(ar_pool.clone());
         let vm_writer = reflector::store::Writer::new(ar_vm.clone());
@@ -399,7 +412,11 @@ impl KubeVirtSim {
             pools: pool_writer.as_reader(),
             vms: vm_writer.as_reader(),
             vmis: vmi_writer.as_reader(),
-            queues: Queues { pool: pool_tx, vm: vm_tx, vmi: vmi_tx },
+            queues: Queues {
+                pool: pool_tx,
+                vm: vm_tx,
+                vmi: vmi_tx,
+            },
             state: Mutex::new(SimState {
                 rng: StdRng::seed_from_u64(config.seed),
                 runs: HashMap::new(),
@@ -417,8 +434,11 @@ impl KubeVirtSim {
 
         // Watchers: fill the stores and turn events into reconcile requests.
         let watch = |ar: &ApiResource| {
-            watcher(Api::<DynamicObject>::all_with(client.clone(), ar), watcher::Config::default())
-                .default_backoff()
+            watcher(
+                Api::<DynamicObject>::all_with(client.clone(), ar),
+                watcher::Config::default(),
+            )
+            .default_backoff()
         };
         {
             let ctx = ctx.clone();
@@ -506,7 +526,8 @@ impl KubeVirtSim {
             tracing::debug!("kubevirt-sim: reconcile failed, retrying: {e}");
             Action::requeue(Duration::from_millis(200))
         };
-        let run = |s: futures::stream::BoxStream<'static, ()>| tokio::spawn(s.for_each(|_| async {}));
+        let run =
+            |s: futures::stream::BoxStream<'static, ()>| tokio::spawn(s.for_each(|_| async {}));
         tasks.push(run(applier(
             |o, c| pool::reconcile(o, c).boxed(),
             error_policy,
@@ -559,7 +580,6 @@ impl KubeVirtSim {
     }
 }
 
-
 /// What `virtctl start` does (virt-api's `start` subresource, which the
 /// simulator cannot serve): for runStrategy `Halted` it sets
 /// `spec.runStrategy: Always` (or `running: true`); for `Manual` and
@@ -573,12 +593,16 @@ pub async fn request_start(client: &Client, namespace: &str, vm_name: &str) -> a
     let vmi = vmis.get_opt(vm_name).await?;
     match strategy {
         vm::RunStrategy::Halted => {
-            let patch = if vm.data["spec"].get("runStrategy").is_some_and(|v| !v.is_null()) {
+            let patch = if vm.data["spec"]
+                .get("runStrategy")
+                .is_some_and(|v| !v.is_null())
+            {
                 json!({"spec": {"runStrategy": "Always"}})
             } else {
                 json!({"spec": {"running": true}})
             };
-            vms.patch(vm_name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            vms.patch(vm_name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
         }
         vm::RunStrategy::Manual | vm::RunStrategy::RerunOnFailure => {
             let phase = vmi.as_ref().map(|v| util::phase(v).to_string());
@@ -637,7 +661,8 @@ pub async fn request_stop(client: &Client, namespace: &str, vm_name: &str) -> an
             } else {
                 json!({"spec": {"runStrategy": "Halted"}})
             };
-            vms.patch(vm_name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            vms.patch(vm_name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
         }
     }
     Ok(())

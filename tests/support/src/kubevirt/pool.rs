@@ -13,7 +13,9 @@ use anyhow::{Context as _, anyhow};
 use futures::future::join_all;
 use k8s_openapi::api::apps::v1::ControllerRevision;
 use k8s_openapi::apimachinery::pkg::runtime::RawExtension;
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::api::{
+    Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams, PropagationPolicy,
+};
 use kube::runtime::controller::Action;
 use rand::seq::SliceRandom;
 use serde_json::{Value, json};
@@ -21,7 +23,7 @@ use tokio::time::Instant;
 
 use super::selector::Selector;
 use super::util::{self, controller_of, deleting, has_finalizer, str_map};
-use super::{Ctx, Expectations, POOL_FINALIZER, POOL_REVISION_LABEL, Result, SimError};
+use super::{Ctx, POOL_FINALIZER, POOL_REVISION_LABEL, Result, SimError};
 
 /// KubeVirt's retry delay when `maxUnavailable` holds a proactive update back.
 const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(3);
@@ -46,17 +48,26 @@ pub(crate) async fn reconcile(pool: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result
             return Ok(Action::await_change());
         }
     };
-    if !selector.matches(&str_map(&spec["virtualMachineTemplate"]["metadata"]["labels"])) {
+    if !selector.matches(&str_map(
+        &spec["virtualMachineTemplate"]["metadata"]["labels"],
+    )) {
         tracing::error!(namespace = %ns, pool = %name, "Selector does not match template labels, will not re-enqueue.");
         return Ok(Action::await_change());
     }
 
-    let ns_vms: Vec<Arc<DynamicObject>> =
-        ctx.vms.state().into_iter().filter(|v| util::ns(v) == ns).collect();
+    let ns_vms: Vec<Arc<DynamicObject>> = ctx
+        .vms
+        .state()
+        .into_iter()
+        .filter(|v| util::ns(v) == ns)
+        .collect();
     // Owned VMs; those whose labels stopped matching are released. Orphans
     // are never adopted.
     let mut vms = Vec::new();
-    for vm in ns_vms.iter().filter(|v| controller_of(v).is_some_and(|r| r.uid == uid)) {
+    for vm in ns_vms
+        .iter()
+        .filter(|v| controller_of(v).is_some_and(|r| r.uid == uid))
+    {
         if selector.matches(&util::labels(vm)) {
             vms.push(vm.clone());
         } else {
@@ -93,17 +104,23 @@ pub(crate) async fn reconcile(pool: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result
                     requeue = rq;
                 }
                 Err(e) => {
-                    sync_err = Some(SyncError { reason: "FailedUpdate", message: format!("{e:#}") })
+                    sync_err = Some(SyncError {
+                        reason: "FailedUpdate",
+                        message: format!("{e:#}"),
+                    })
                 }
             }
         }
-        if sync_err.is_none() && scale_stable && update_stable && expectations_satisfied(&ctx, &uid, &ns) {
-            if let Err(e) = prune_unused_revisions(&ctx, &pool, &vms).await {
-                sync_err = Some(SyncError {
-                    reason: "FailedRevisionPruning",
-                    message: format!("error while pruning vmpool revisions: {e:#}"),
-                });
-            }
+        if sync_err.is_none()
+            && scale_stable
+            && update_stable
+            && expectations_satisfied(&ctx, &uid, &ns)
+            && let Err(e) = prune_unused_revisions(&ctx, &pool, &vms).await
+        {
+            sync_err = Some(SyncError {
+                reason: "FailedRevisionPruning",
+                message: format!("error while pruning vmpool revisions: {e:#}"),
+            });
         }
     } else if deleting(&pool) {
         handle_pool_deletion(&ctx, &pool, &selector, &ns_vms).await?;
@@ -118,12 +135,17 @@ pub(crate) async fn reconcile(pool: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result
     if let Some(e) = sync_err {
         return Err(SimError(anyhow!("{}: {}", e.reason, e.message)));
     }
-    Ok(requeue.map(Action::requeue).unwrap_or_else(Action::await_change))
+    Ok(requeue
+        .map(Action::requeue)
+        .unwrap_or_else(Action::await_change))
 }
 
 /// `ReleaseVirtualMachine` (with KubeVirt 1.8.4's patch, see the incident).
 async fn release(ctx: &Ctx, pool: &DynamicObject, vm: &DynamicObject) -> Result<()> {
-    let others: Vec<String> = util::finalizers(vm).into_iter().filter(|f| f != POOL_FINALIZER).collect();
+    let others: Vec<String> = util::finalizers(vm)
+        .into_iter()
+        .filter(|f| f != POOL_FINALIZER)
+        .collect();
     let (ns, pool_name, vm_name) = (util::ns(pool), util::name(pool), util::name(vm));
     if !others.is_empty() {
         // fmt.Sprintf(`{"metadata":{"ownerReferences":[],"finalizers":%s}}`, []string{...})
@@ -137,7 +159,11 @@ async fn release(ctx: &Ctx, pool: &DynamicObject, vm: &DynamicObject) -> Result<
         return Err(SimError(anyhow!(msg)));
     }
     let patch = json!({"metadata": {"ownerReferences": [], "finalizers": []}});
-    match ctx.vm_api(&ns).patch(&vm_name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+    match ctx
+        .vm_api(&ns)
+        .patch(&vm_name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
         Ok(_) => Ok(()),
         Err(e) if util::is_not_found(&e) => Ok(()),
         Err(e) => Err(anyhow::Error::from(e).context("releasing VM").into()),
@@ -158,7 +184,8 @@ fn expectations_satisfied(ctx: &Ctx, pool_uid: &str, ns: &str) -> bool {
     let adds_ok = adds.iter().all(|n| ctx.get_vm(ns, n).is_some());
     let dels_ok = dels.iter().all(|key| {
         let (name, uid) = key.split_once('/').unwrap_or((key, ""));
-        ctx.get_vm(ns, name).is_none_or(|v| util::uid(&v) != uid || deleting(&v))
+        ctx.get_vm(ns, name)
+            .is_none_or(|v| util::uid(&v) != uid || deleting(&v))
     });
     let expired = since.is_some_and(|s| s.elapsed() > Duration::from_secs(60));
     if (adds_ok && dels_ok) || expired {
@@ -171,7 +198,7 @@ fn expectations_satisfied(ctx: &Ctx, pool_uid: &str, ns: &str) -> bool {
 
 fn expect(ctx: &Ctx, pool_uid: &str, adds: &[String], dels: &[String]) {
     let mut st = ctx.state();
-    let e = st.expectations.entry(pool_uid.to_string()).or_insert_with(Expectations::default);
+    let e = st.expectations.entry(pool_uid.to_string()).or_default();
     e.adds.extend(adds.iter().cloned());
     e.dels.extend(dels.iter().cloned());
     e.since.get_or_insert(Instant::now());
@@ -225,27 +252,39 @@ async fn scale(
     let max_diff = diff.unsigned_abs().min(ctx.cfg.burst_replicas as u64) as i64;
     if diff < 0 {
         if let Err(e) = scale_out(ctx, pool, max_diff as usize).await {
-            return Ok(Err(SyncError { reason: "FailedScaleOut", message: format!("error during scale out: {e:#}") }));
+            return Ok(Err(SyncError {
+                reason: "FailedScaleOut",
+                message: format!("error during scale out: {e:#}"),
+            }));
         }
     } else {
         match proactive_scale_in(ctx, pool, vms, max_diff).await? {
             Ok(()) => {}
             Err(e) => {
-                return Ok(Err(SyncError { reason: "FailedScaleIn", message: format!("error during scale in: {e:#}") }));
+                return Ok(Err(SyncError {
+                    reason: "FailedScaleIn",
+                    message: format!("error during scale in: {e:#}"),
+                }));
             }
         }
     }
     Ok(Ok(false))
 }
 
-async fn opportunistic_scale_in(ctx: &Ctx, pool: &DynamicObject, vms: &[Arc<DynamicObject>]) -> anyhow::Result<()> {
+async fn opportunistic_scale_in(
+    ctx: &Ctx,
+    pool: &DynamicObject,
+    vms: &[Arc<DynamicObject>],
+) -> anyhow::Result<()> {
     if is_unmanaged(pool) {
         return Ok(());
     }
     let mut last = Ok(());
     for vm in vms.iter().filter(|v| deleting(v)) {
         // statePreservation (PVC/DataVolume owner references) is not simulated.
-        if let Err(e) = util::remove_finalizers(&ctx.vm_api(&util::ns(vm)), vm, &[POOL_FINALIZER]).await {
+        if let Err(e) =
+            util::remove_finalizers(&ctx.vm_api(&util::ns(vm)), vm, &[POOL_FINALIZER]).await
+        {
             last = Err(e);
         } else {
             tracing::info!(namespace = %util::ns(vm), vm = %util::name(vm), "Removing VM from pool");
@@ -293,7 +332,9 @@ async fn scale_in(
     }
     let mut eligible = vms;
     let proactive = &scale_in_strategy(pool)["proactive"];
-    let policy = proactive["selectionPolicy"]["sortPolicy"].as_str().unwrap_or("Random");
+    let policy = proactive["selectionPolicy"]["sortPolicy"]
+        .as_str()
+        .unwrap_or("Random");
     sort_vms(ctx, &mut eligible, policy);
     let selectors = &proactive["selectionPolicy"]["selectors"];
     if selectors.is_object() {
@@ -313,7 +354,10 @@ async fn scale_in(
     }
     let delete: Vec<Arc<DynamicObject>> = eligible.into_iter().take(count as usize).collect();
     let pool_uid = util::uid(pool);
-    let keys: Vec<String> = delete.iter().map(|v| format!("{}/{}", util::name(v), util::uid(v))).collect();
+    let keys: Vec<String> = delete
+        .iter()
+        .map(|v| format!("{}/{}", util::name(v), util::uid(v)))
+        .collect();
     expect(ctx, &pool_uid, &[], &keys);
     tracing::info!(pool = %util::name(pool), "Removing {count} VMs from pool");
     let pool_uid = &pool_uid;
@@ -335,18 +379,25 @@ async fn scale_in(
         }
     }))
     .await;
-    Ok(results.into_iter().collect::<anyhow::Result<Vec<()>>>().map(|_| ()))
+    Ok(results
+        .into_iter()
+        .collect::<anyhow::Result<Vec<()>>>()
+        .map(|_| ()))
 }
 
 fn sort_vms(ctx: &Ctx, vms: &mut [Arc<DynamicObject>], policy: &str) {
     match policy {
         "AscendingOrder" => vms.sort_by_key(|v| index_from_name(&util::name(v)).unwrap_or(0)),
-        "DescendingOrder" => vms.sort_by_key(|v| Reverse(index_from_name(&util::name(v)).unwrap_or(0))),
+        "DescendingOrder" => {
+            vms.sort_by_key(|v| Reverse(index_from_name(&util::name(v)).unwrap_or(0)))
+        }
         "Newest" => vms.sort_by_key(|v| Reverse(v.metadata.creation_timestamp.clone())),
         "Oldest" => vms.sort_by_key(|v| v.metadata.creation_timestamp.clone()),
         other => {
             if other != "Random" {
-                tracing::warn!("Sorting VMs based on random policy as the provided sort policy is invalid: {other}");
+                tracing::warn!(
+                    "Sorting VMs based on random policy as the provided sort policy is invalid: {other}"
+                );
             }
             vms.shuffle(&mut ctx.state().rng);
         }
@@ -354,7 +405,10 @@ fn sort_vms(ctx: &Ctx, vms: &mut [Arc<DynamicObject>], policy: &str) {
 }
 
 /// Selectors match the VM's *template* labels and the template's nodeSelector.
-fn filter_by_selectors(vms: &[Arc<DynamicObject>], selectors: &Value) -> anyhow::Result<Vec<Arc<DynamicObject>>> {
+fn filter_by_selectors(
+    vms: &[Arc<DynamicObject>],
+    selectors: &Value,
+) -> anyhow::Result<Vec<Arc<DynamicObject>>> {
     let label = if selectors["labelSelector"].is_null() {
         None
     } else {
@@ -378,8 +432,12 @@ fn filter_by_selectors(vms: &[Arc<DynamicObject>], selectors: &Value) -> anyhow:
         .iter()
         .filter(|vm| {
             let tmpl = &vm.data["spec"]["template"];
-            label.as_ref().is_none_or(|s| s.matches(&str_map(&tmpl["metadata"]["labels"])))
-                && node.as_ref().is_none_or(|s| s.matches(&str_map(&tmpl["spec"]["nodeSelector"])))
+            label
+                .as_ref()
+                .is_none_or(|s| s.matches(&str_map(&tmpl["metadata"]["labels"])))
+                && node
+                    .as_ref()
+                    .is_none_or(|s| s.matches(&str_map(&tmpl["spec"]["nodeSelector"])))
         })
         .cloned()
         .collect())
@@ -410,11 +468,17 @@ pub(crate) fn index_vm_spec(pool_spec: &Value, idx: i64) -> Value {
     if let Some(vols) = spec["template"]["spec"]["volumes"].as_array_mut() {
         for vol in vols {
             if vol["persistentVolumeClaim"].is_object() {
-                if let Some(n) = vol["persistentVolumeClaim"]["claimName"].as_str().and_then(|n| dv_names.get(n)) {
+                if let Some(n) = vol["persistentVolumeClaim"]["claimName"]
+                    .as_str()
+                    .and_then(|n| dv_names.get(n))
+                {
                     vol["persistentVolumeClaim"]["claimName"] = json!(n);
                 }
             } else if vol["dataVolume"].is_object() {
-                if let Some(n) = vol["dataVolume"]["name"].as_str().and_then(|n| dv_names.get(n)) {
+                if let Some(n) = vol["dataVolume"]["name"]
+                    .as_str()
+                    .and_then(|n| dv_names.get(n))
+                {
                     vol["dataVolume"]["name"] = json!(n);
                 }
             } else if vol["configMap"].is_object() && cm {
@@ -440,7 +504,11 @@ pub(crate) fn index_vm_spec(pool_spec: &Value, idx: i64) -> Value {
 }
 
 fn revision_name(pool: &DynamicObject) -> String {
-    format!("{}-{}", util::name(pool), pool.metadata.generation.unwrap_or(0))
+    format!(
+        "{}-{}",
+        util::name(pool),
+        pool.metadata.generation.unwrap_or(0)
+    )
 }
 
 fn pool_owner_ref(pool: &DynamicObject) -> Value {
@@ -449,20 +517,32 @@ fn pool_owner_ref(pool: &DynamicObject) -> Value {
 
 /// The pool spec stored in a ControllerRevision (cached; they do not change).
 async fn get_revision(ctx: &Ctx, ns: &str, name: &str) -> anyhow::Result<Option<Value>> {
-    if let Some(v) = ctx.state().revisions.get(&(ns.to_string(), name.to_string())) {
+    if let Some(v) = ctx
+        .state()
+        .revisions
+        .get(&(ns.to_string(), name.to_string()))
+    {
         return Ok(Some(v.clone()));
     }
     let api: Api<ControllerRevision> = Api::namespaced(ctx.client.clone(), ns);
-    let Some(cr) = api.get_opt(name).await? else { return Ok(None) };
+    let Some(cr) = api.get_opt(name).await? else {
+        return Ok(None);
+    };
     let spec = cr.data.0;
-    ctx.state().revisions.insert((ns.to_string(), name.to_string()), spec.clone());
+    ctx.state()
+        .revisions
+        .insert((ns.to_string(), name.to_string()), spec.clone());
     Ok(Some(spec))
 }
 
 /// `ensureControllerRevision`: `<pool>-<generation>` holding the pool spec.
 async fn ensure_revision(ctx: &Ctx, pool: &DynamicObject) -> anyhow::Result<String> {
     let (ns, name) = (util::ns(pool), revision_name(pool));
-    ctx.state().pool_revisions.entry(util::uid(pool)).or_default().insert(name.clone());
+    ctx.state()
+        .pool_revisions
+        .entry(util::uid(pool))
+        .or_default()
+        .insert(name.clone());
     if get_revision(ctx, &ns, &name).await?.is_some() {
         return Ok(name);
     }
@@ -476,7 +556,9 @@ async fn ensure_revision(ctx: &Ctx, pool: &DynamicObject) -> anyhow::Result<Stri
     let api: Api<ControllerRevision> = Api::namespaced(ctx.client.clone(), &ns);
     match api.create(&PostParams::default(), &cr).await {
         Ok(_) => {
-            ctx.state().revisions.insert((ns, name.clone()), pool.data["spec"].clone());
+            ctx.state()
+                .revisions
+                .insert((ns, name.clone()), pool.data["spec"].clone());
         }
         Err(e) if util::is_conflict(&e) => {}
         Err(e) => return Err(anyhow::Error::from(e).context("creating ControllerRevision")),
@@ -541,13 +623,17 @@ async fn scale_out(ctx: &Ctx, pool: &DynamicObject, count: usize) -> anyhow::Res
                 Ok(_) => Ok(()),
                 Err(e) => {
                     observed(ctx, &pool_uid, Some(n), None);
-                    Err(anyhow::Error::from(e).context(format!("failed to add vm {ns}/{n} to pool")))
+                    Err(anyhow::Error::from(e)
+                        .context(format!("failed to add vm {ns}/{n} to pool")))
                 }
             }
         }
     }))
     .await;
-    results.into_iter().collect::<anyhow::Result<Vec<()>>>().map(|_| ())
+    results
+        .into_iter()
+        .collect::<anyhow::Result<Vec<()>>>()
+        .map(|_| ())
 }
 
 /// `handlePoolDeletion`: the pool finalizer comes off every VM in the
@@ -568,9 +654,17 @@ async fn handle_pool_deletion(
 }
 
 /// `isOutdatedVM`: the VM's revision's template differs from the pool's.
-async fn is_outdated_vm(ctx: &Ctx, pool: &DynamicObject, vm: &DynamicObject) -> anyhow::Result<bool> {
-    let Some(rev) = util::labels(vm).get(POOL_REVISION_LABEL).cloned() else { return Ok(true) };
-    let Some(old) = get_revision(ctx, &util::ns(pool), &rev).await? else { return Ok(true) };
+async fn is_outdated_vm(
+    ctx: &Ctx,
+    pool: &DynamicObject,
+    vm: &DynamicObject,
+) -> anyhow::Result<bool> {
+    let Some(rev) = util::labels(vm).get(POOL_REVISION_LABEL).cloned() else {
+        return Ok(true);
+    };
+    let Some(old) = get_revision(ctx, &util::ns(pool), &rev).await? else {
+        return Ok(true);
+    };
     Ok(old["virtualMachineTemplate"] != pool.data["spec"]["virtualMachineTemplate"])
 }
 
@@ -583,16 +677,31 @@ enum VmiUpdate {
 }
 
 /// `isOutdatedVMI`: compares the templates of the VM's and the VMI's revisions.
-async fn is_outdated_vmi(ctx: &Ctx, vm: &DynamicObject, vmi: &DynamicObject) -> anyhow::Result<VmiUpdate> {
+async fn is_outdated_vmi(
+    ctx: &Ctx,
+    vm: &DynamicObject,
+    vmi: &DynamicObject,
+) -> anyhow::Result<VmiUpdate> {
     let ns = util::ns(vm);
-    let Some(vm_rev) = util::labels(vm).get(POOL_REVISION_LABEL).cloned() else { return Ok(VmiUpdate::None) };
-    let Some(vmi_rev) = util::labels(vmi).get(POOL_REVISION_LABEL).cloned() else { return Ok(VmiUpdate::Restart) };
+    let Some(vm_rev) = util::labels(vm).get(POOL_REVISION_LABEL).cloned() else {
+        return Ok(VmiUpdate::None);
+    };
+    let Some(vmi_rev) = util::labels(vmi).get(POOL_REVISION_LABEL).cloned() else {
+        return Ok(VmiUpdate::Restart);
+    };
     if vm_rev == vmi_rev {
         return Ok(VmiUpdate::None);
     }
-    let Some(for_vm) = get_revision(ctx, &ns, &vm_rev).await? else { return Ok(VmiUpdate::None) };
-    let Some(for_vmi) = get_revision(ctx, &ns, &vmi_rev).await? else { return Ok(VmiUpdate::Restart) };
-    let (a, b) = (&for_vm["virtualMachineTemplate"]["spec"], &for_vmi["virtualMachineTemplate"]["spec"]);
+    let Some(for_vm) = get_revision(ctx, &ns, &vm_rev).await? else {
+        return Ok(VmiUpdate::None);
+    };
+    let Some(for_vmi) = get_revision(ctx, &ns, &vmi_rev).await? else {
+        return Ok(VmiUpdate::Restart);
+    };
+    let (a, b) = (
+        &for_vm["virtualMachineTemplate"]["spec"],
+        &for_vmi["virtualMachineTemplate"]["spec"],
+    );
     if a["dataVolumeTemplates"] != b["dataVolumeTemplates"] {
         return Ok(VmiUpdate::DeleteVm);
     }
@@ -613,20 +722,31 @@ async fn handle_resource_update(
         VmiUpdate::None => {}
         VmiUpdate::Restart => {
             tracing::info!(namespace = %ns, vm = %util::name(vm), "Proactive update of VM by deleting outdated VMI");
-            ctx.vmi_api(&ns).delete(&util::name(vmi), &DeleteParams::default()).await?;
+            ctx.vmi_api(&ns)
+                .delete(&util::name(vmi), &DeleteParams::default())
+                .await?;
         }
         VmiUpdate::DeleteVm => {
-            let dp = DeleteParams { propagation_policy: Some(PropagationPolicy::Foreground), ..Default::default() };
+            let dp = DeleteParams {
+                propagation_policy: Some(PropagationPolicy::Foreground),
+                ..Default::default()
+            };
             ctx.vm_api(&ns).delete(&util::name(vm), &dp).await?;
         }
         VmiUpdate::PatchRevisionLabel => {
-            let Some(rev) = util::labels(vm).get(POOL_REVISION_LABEL).cloned() else { return Ok(()) };
+            let Some(rev) = util::labels(vm).get(POOL_REVISION_LABEL).cloned() else {
+                return Ok(());
+            };
             let patch = json!({"metadata": {
                 "labels": {POOL_REVISION_LABEL: rev},
                 "resourceVersion": vmi.metadata.resource_version,
             }});
             ctx.vmi_api(&ns)
-                .patch(&util::name(vmi), &PatchParams::default(), &Patch::Merge(&patch))
+                .patch(
+                    &util::name(vmi),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
                 .await
                 .context("patching of vmi labels with new pool revision name")?;
         }
@@ -655,26 +775,38 @@ async fn update(
     let mut filtered = vms.to_vec();
     let selectors = &update_strategy["proactive"]["selectionPolicy"]["selectors"];
     if selectors.is_object() {
-        filtered = filter_by_selectors(vms, selectors).context("failed to filter VMs based on ordered policies")?;
+        filtered = filter_by_selectors(vms, selectors)
+            .context("failed to filter VMs based on ordered policies")?;
     }
     let (mut outdated, mut current) = (Vec::new(), Vec::new());
     for vm in filtered {
-        if is_outdated_vm(ctx, pool, &vm).await.context("error while detecting outdated VMs")? {
+        if is_outdated_vm(ctx, pool, &vm)
+            .await
+            .context("error while detecting outdated VMs")?
+        {
             outdated.push(vm);
         } else {
             current.push(vm);
         }
     }
     // Always: rewrite outdated VM objects.
-    opportunistic_update(ctx, pool, &outdated).await.context("error during VM update")?;
+    opportunistic_update(ctx, pool, &outdated)
+        .await
+        .context("error during VM update")?;
     let mut requeue = None;
     if !update_strategy["opportunistic"].is_object() {
-        requeue = proactive_update(ctx, pool, current).await.context("error during VMI update")?;
+        requeue = proactive_update(ctx, pool, current)
+            .await
+            .context("error during VMI update")?;
     }
     Ok((outdated.is_empty(), requeue))
 }
 
-async fn opportunistic_update(ctx: &Ctx, pool: &DynamicObject, outdated: &[Arc<DynamicObject>]) -> anyhow::Result<()> {
+async fn opportunistic_update(
+    ctx: &Ctx,
+    pool: &DynamicObject,
+    outdated: &[Arc<DynamicObject>],
+) -> anyhow::Result<()> {
     if outdated.is_empty() {
         return Ok(());
     }
@@ -683,11 +815,14 @@ async fn opportunistic_update(ctx: &Ctx, pool: &DynamicObject, outdated: &[Arc<D
         let revision = revision.clone();
         async move {
             let name = util::name(vm);
-            let idx = index_from_name(&name).with_context(|| format!("no index in VM name {name}"))?;
+            let idx =
+                index_from_name(&name).with_context(|| format!("no index in VM name {name}"))?;
             let fresh = vm_for(pool, &name, idx, &revision);
             let mut updated = (**vm).clone();
             updated.metadata.labels = Some(str_map(&fresh["metadata"]["labels"]));
-            updated.metadata.annotations = fresh["metadata"]["annotations"].is_object().then(|| str_map(&fresh["metadata"]["annotations"]));
+            updated.metadata.annotations = fresh["metadata"]["annotations"]
+                .is_object()
+                .then(|| str_map(&fresh["metadata"]["annotations"]));
             let mut spec = fresh["spec"].clone();
             // Firmware UUID and serial identify the VM to its guest: kept.
             let old_fw = &vm.data["spec"]["template"]["spec"]["domain"]["firmware"];
@@ -709,7 +844,10 @@ async fn opportunistic_update(ctx: &Ctx, pool: &DynamicObject, outdated: &[Arc<D
         }
     }))
     .await;
-    results.into_iter().collect::<anyhow::Result<Vec<()>>>().map(|_| ())
+    results
+        .into_iter()
+        .collect::<anyhow::Result<Vec<()>>>()
+        .map(|_| ())
 }
 
 fn max_unavailable(pool: &DynamicObject) -> anyhow::Result<i64> {
@@ -719,7 +857,10 @@ fn max_unavailable(pool: &DynamicObject) -> anyhow::Result<i64> {
         i
     } else {
         let s = mu.as_str().unwrap_or("100%");
-        let pct: i64 = s.trim_end_matches('%').parse().map_err(|e| anyhow!("invalid maxUnavailable percentage: {e}"))?;
+        let pct: i64 = s
+            .trim_end_matches('%')
+            .parse()
+            .map_err(|e| anyhow!("invalid maxUnavailable percentage: {e}"))?;
         total * pct / 100
     };
     Ok(n.max(1))
@@ -740,10 +881,15 @@ async fn proactive_update(
         }
     }
     let max = max_unavailable(pool)?;
-    let unavailable = current.iter().filter(|vm| vmi_of(ctx, vm).is_none_or(|v| !vmi_ready(&v))).count() as i64;
+    let unavailable = current
+        .iter()
+        .filter(|vm| vmi_of(ctx, vm).is_none_or(|v| !vmi_ready(&v)))
+        .count() as i64;
     let proactive = &pool.data["spec"]["updateStrategy"]["proactive"];
     if proactive.is_object() {
-        let policy = proactive["selectionPolicy"]["sortPolicy"].as_str().unwrap_or("Random");
+        let policy = proactive["selectionPolicy"]["sortPolicy"]
+            .as_str()
+            .unwrap_or("Random");
         sort_vms(ctx, &mut current, policy);
     }
     let mut budget = max - unavailable;
@@ -763,9 +909,18 @@ async fn proactive_update(
 }
 
 /// `pruneUnusedRevisions`, over the revisions this simulator created.
-async fn prune_unused_revisions(ctx: &Ctx, pool: &DynamicObject, vms: &[Arc<DynamicObject>]) -> anyhow::Result<()> {
+async fn prune_unused_revisions(
+    ctx: &Ctx,
+    pool: &DynamicObject,
+    vms: &[Arc<DynamicObject>],
+) -> anyhow::Result<()> {
     let ns = util::ns(pool);
-    let known: HashSet<String> = ctx.state().pool_revisions.get(&util::uid(pool)).cloned().unwrap_or_default();
+    let known: HashSet<String> = ctx
+        .state()
+        .pool_revisions
+        .get(&util::uid(pool))
+        .cloned()
+        .unwrap_or_default();
     if known.is_empty() {
         return Ok(());
     }
@@ -824,8 +979,15 @@ async fn update_status(
     } else if !paused {
         conditions.retain(|c| c["type"] != "ReplicaPaused");
     }
-    let ready = vms.iter().filter(|v| util::condition_true(v, "Ready")).count();
-    let label_selector = if selector.is_empty() { String::new() } else { selector.to_string() };
+    let ready = vms
+        .iter()
+        .filter(|v| util::condition_true(v, "Ready"))
+        .count();
+    let label_selector = if selector.is_empty() {
+        String::new()
+    } else {
+        selector.to_string()
+    };
     let status = json!({
         "replicas": vms.len(),
         "readyReplicas": ready,
@@ -838,7 +1000,12 @@ async fn update_status(
         || old["labelSelector"].as_str() != Some(label_selector.as_str())
         || old_conditions != conditions;
     if changed {
-        util::patch_status(&ctx.pool_api(&util::ns(pool)), &util::name(pool), &json!({ "status": status })).await?;
+        util::patch_status(
+            &ctx.pool_api(&util::ns(pool)),
+            &util::name(pool),
+            &json!({ "status": status }),
+        )
+        .await?;
     }
     Ok(())
 }

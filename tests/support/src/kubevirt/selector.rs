@@ -40,7 +40,11 @@ impl Requirement {
                 ) else {
                     return false;
                 };
-                if self.op == Op::Gt { have > want } else { have < want }
+                if self.op == Op::Gt {
+                    have > want
+                } else {
+                    have < want
+                }
             }
         }
     }
@@ -66,7 +70,11 @@ pub(crate) struct Selector(Option<Vec<Requirement>>);
 
 fn strings(v: &Value) -> Vec<String> {
     v.as_array()
-        .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -79,8 +87,14 @@ impl Selector {
         let mut reqs = Vec::new();
         if let Some(ml) = v["matchLabels"].as_object() {
             for (k, val) in ml {
-                let Some(val) = val.as_str() else { bail!("matchLabels[{k}] is not a string") };
-                reqs.push(Requirement { key: k.clone(), op: Op::Equals, values: vec![val.into()] });
+                let Some(val) = val.as_str() else {
+                    bail!("matchLabels[{k}] is not a string")
+                };
+                reqs.push(Requirement {
+                    key: k.clone(),
+                    op: Op::Equals,
+                    values: vec![val.into()],
+                });
             }
         }
         for e in v["matchExpressions"].as_array().into_iter().flatten() {
@@ -95,10 +109,14 @@ impl Selector {
             };
             match op {
                 Op::In | Op::NotIn if values.is_empty() => {
-                    bail!("values: Invalid value: for 'in', 'notin' operators, values set can't be empty")
+                    bail!(
+                        "values: Invalid value: for 'in', 'notin' operators, values set can't be empty"
+                    )
                 }
                 Op::Exists | Op::DoesNotExist if !values.is_empty() => {
-                    bail!("values: Invalid value: values set must be empty for exists and does not exist")
+                    bail!(
+                        "values: Invalid value: values set must be empty for exists and does not exist"
+                    )
                 }
                 _ => {}
             }
@@ -160,7 +178,10 @@ mod tests {
     use serde_json::json;
 
     fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -176,12 +197,27 @@ mod tests {
         assert_eq!(s.to_string(), "app=runner,!gone,pool=a,tier in (x,y)");
         assert!(s.matches(&map(&[("pool", "a"), ("app", "runner"), ("tier", "x")])));
         assert!(!s.matches(&map(&[("pool", "a"), ("app", "runner"), ("tier", "z")])));
-        assert!(!s.matches(&map(&[("pool", "a"), ("app", "runner"), ("tier", "x"), ("gone", "1")])));
-        assert!(Selector::from_label_selector(&json!({})).unwrap().matches(&map(&[])));
-        assert!(!Selector::from_label_selector(&Value::Null).unwrap().matches(&map(&[])));
+        assert!(!s.matches(&map(&[
+            ("pool", "a"),
+            ("app", "runner"),
+            ("tier", "x"),
+            ("gone", "1")
+        ])));
         assert!(
-            Selector::from_label_selector(&json!({"matchExpressions": [{"key": "k", "operator": "In"}]}))
-                .is_err()
+            Selector::from_label_selector(&json!({}))
+                .unwrap()
+                .matches(&map(&[]))
+        );
+        assert!(
+            !Selector::from_label_selector(&Value::Null)
+                .unwrap()
+                .matches(&map(&[]))
+        );
+        assert!(
+            Selector::from_label_selector(
+                &json!({"matchExpressions": [{"key": "k", "operator": "In"}]})
+            )
+            .is_err()
         );
     }
 

@@ -39,7 +39,10 @@ pub(crate) fn finalizers(o: &DynamicObject) -> Vec<String> {
 }
 
 pub(crate) fn has_finalizer(o: &DynamicObject, f: &str) -> bool {
-    o.metadata.finalizers.as_ref().is_some_and(|fs| fs.iter().any(|x| x == f))
+    o.metadata
+        .finalizers
+        .as_ref()
+        .is_some_and(|fs| fs.iter().any(|x| x == f))
 }
 
 pub(crate) fn uid(o: &DynamicObject) -> String {
@@ -74,7 +77,10 @@ pub(crate) async fn set_finalizers(
         "finalizers": new,
         "resourceVersion": o.metadata.resource_version,
     }});
-    match api.patch(&name(o), &PatchParams::default(), &Patch::Merge(&patch)).await {
+    match api
+        .patch(&name(o), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
         Ok(_) => Ok(()),
         Err(e) if is_not_found(&e) => Ok(()),
         Err(e) => Err(e).with_context(|| format!("updating finalizers of {}", name(o))),
@@ -90,7 +96,10 @@ pub(crate) async fn remove_finalizers(
     if !fs.iter().any(|f| remove.contains(&f.as_str())) {
         return Ok(());
     }
-    let kept = fs.into_iter().filter(|f| !remove.contains(&f.as_str())).collect();
+    let kept = fs
+        .into_iter()
+        .filter(|f| !remove.contains(&f.as_str()))
+        .collect();
     set_finalizers(api, o, kept).await
 }
 
@@ -129,7 +138,10 @@ pub(crate) fn is_final(vmi: &DynamicObject) -> bool {
 }
 
 pub(crate) fn state_change_requests(vm: &DynamicObject) -> Vec<Value> {
-    vm.data["status"]["stateChangeRequests"].as_array().cloned().unwrap_or_default()
+    vm.data["status"]["stateChangeRequests"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// RFC 3339 "now" with seconds, as metav1.Time serializes.
@@ -164,8 +176,15 @@ pub(crate) fn controller_ref(api_version: &str, kind: &str, o: &DynamicObject) -
 }
 
 /// Merge-patches `status`; an object that is gone meanwhile is fine.
-pub(crate) async fn patch_status(api: &Api<DynamicObject>, name: &str, status: &Value) -> anyhow::Result<()> {
-    match api.patch_status(name, &PatchParams::default(), &Patch::Merge(status)).await {
+pub(crate) async fn patch_status(
+    api: &Api<DynamicObject>,
+    name: &str,
+    status: &Value,
+) -> anyhow::Result<()> {
+    match api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+        .await
+    {
         Ok(_) => Ok(()),
         Err(e) if is_not_found(&e) => Ok(()),
         Err(e) => Err(e).with_context(|| format!("updating status of {name}")),

@@ -67,8 +67,9 @@ fn has_start_request(vm: &DynamicObject) -> bool {
 }
 
 fn has_stop_request_for(vm: &DynamicObject, vmi: &DynamicObject) -> bool {
-    first_request(vm)
-        .is_some_and(|r| r["action"] == "Stop" && r["uid"].as_str() == Some(util::uid(vmi).as_str()))
+    first_request(vm).is_some_and(|r| {
+        r["action"] == "Stop" && r["uid"].as_str() == Some(util::uid(vmi).as_str())
+    })
 }
 
 /// What one pass did, for printableStatus (KubeVirt's expectations).
@@ -85,10 +86,12 @@ pub(crate) async fn reconcile(vm: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<A
     let api = ctx.vm_api(&ns);
     let vm_uid = util::uid(&vm);
     // The VMI with the VM's name, if this VM controls it (or nobody does).
-    let vmi = ctx.get_vmi(&ns, &name).filter(|vmi| match util::controller_of(vmi) {
-        Some(r) => r.uid == vm_uid,
-        None => true,
-    });
+    let vmi = ctx
+        .get_vmi(&ns, &name)
+        .filter(|vmi| match util::controller_of(vmi) {
+            Some(r) => r.uid == vm_uid,
+            None => true,
+        });
     let mut pass = Pass::default();
     let mut requeue = None;
 
@@ -113,7 +116,9 @@ pub(crate) async fn reconcile(vm: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<A
     };
 
     // DataVolumes are not simulated beyond a provisioning delay.
-    let has_dvs = vm.data["spec"]["dataVolumeTemplates"].as_array().is_some_and(|a| !a.is_empty());
+    let has_dvs = vm.data["spec"]["dataVolumeTemplates"]
+        .as_array()
+        .is_some_and(|a| !a.is_empty());
     if has_dvs && strategy != RunStrategy::Halted {
         let now = Instant::now();
         let ready_at = *ctx
@@ -140,7 +145,9 @@ pub(crate) async fn reconcile(vm: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<A
         RunStrategy::RerunOnFailure => match &vmi {
             Some(vmi) => {
                 let failed = phase(vmi) == "Failed";
-                if !deleting(vmi) && (has_stop_request_for(&vm, vmi) || failed || phase(vmi) == "Succeeded") {
+                if !deleting(vmi)
+                    && (has_stop_request_for(&vm, vmi) || failed || phase(vmi) == "Succeeded")
+                {
                     stop_vmi(&ctx, vmi, &mut pass).await?;
                     if failed {
                         add_start_request(&ctx, &vm).await?;
@@ -177,7 +184,8 @@ pub(crate) async fn reconcile(vm: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<A
                     } else {
                         json!({"spec": {"running": true}})
                     };
-                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await?;
                 }
             }
             Some(vmi) => stop_vmi(&ctx, vmi, &mut pass).await?,
@@ -193,7 +201,9 @@ pub(crate) async fn reconcile(vm: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<A
     }
 
     update_status(&ctx, &vm, vmi.as_deref(), &pass).await?;
-    Ok(requeue.map(Action::requeue).unwrap_or_else(Action::await_change))
+    Ok(requeue
+        .map(Action::requeue)
+        .unwrap_or_else(Action::await_change))
 }
 
 /// `stopVMI`: delete the VMI unless it is already being deleted.
@@ -201,7 +211,11 @@ async fn stop_vmi(ctx: &Ctx, vmi: &DynamicObject, pass: &mut Pass) -> Result<()>
     if deleting(vmi) {
         return Ok(());
     }
-    match ctx.vmi_api(&util::ns(vmi)).delete(&util::name(vmi), &DeleteParams::default()).await {
+    match ctx
+        .vmi_api(&util::ns(vmi))
+        .delete(&util::name(vmi), &DeleteParams::default())
+        .await
+    {
         Ok(_) => {}
         Err(e) if util::is_not_found(&e) => {}
         Err(e) => return Err(anyhow::Error::from(e).context("deleting VMI").into()),
@@ -270,7 +284,9 @@ async fn add_start_request(ctx: &Ctx, vm: &DynamicObject) -> Result<()> {
 
 /// `isTrimFirstChangeRequestNeeded`.
 fn trim_first_request(vm: &DynamicObject, vmi: Option<&DynamicObject>) -> bool {
-    let Some(req) = first_request(vm) else { return false };
+    let Some(req) = first_request(vm) else {
+        return false;
+    };
     match req["action"].as_str() {
         Some("Stop") => match vmi {
             None => true,
@@ -299,7 +315,9 @@ fn printable_status(vm: &DynamicObject, vmi: Option<&DynamicObject>, pass: &Pass
     }
     match vmi {
         None if pass.start_expected => return "Starting",
-        Some(v) if matches!(phase(v), "" | "Pending" | "Scheduling" | "Scheduled") => return "Starting",
+        Some(v) if matches!(phase(v), "" | "Pending" | "Scheduling" | "Scheduled") => {
+            return "Starting";
+        }
         _ => {}
     }
     match vmi {
@@ -311,7 +329,12 @@ fn printable_status(vm: &DynamicObject, vmi: Option<&DynamicObject>, pass: &Pass
 
 /// `updateStatus`: created, ready, runStrategy, stateChangeRequests, the Ready
 /// condition, printableStatus; and the VM controller's finalizer on a final VMI.
-async fn update_status(ctx: &Ctx, vm: &DynamicObject, vmi: Option<&DynamicObject>, pass: &Pass) -> Result<()> {
+async fn update_status(
+    ctx: &Ctx,
+    vm: &DynamicObject,
+    vmi: Option<&DynamicObject>,
+    pass: &Pass,
+) -> Result<()> {
     let old = &vm.data["status"];
     let created = vmi.is_some();
     let ready = vmi.is_some_and(|v| util::condition_true(v, "Ready"));
@@ -330,7 +353,11 @@ async fn update_status(ctx: &Ctx, vm: &DynamicObject, vmi: Option<&DynamicObject
     }
     if trim_first_request(vm, vmi) {
         reqs.remove(0);
-        status["stateChangeRequests"] = if reqs.is_empty() { Value::Null } else { json!(reqs) };
+        status["stateChangeRequests"] = if reqs.is_empty() {
+            Value::Null
+        } else {
+            json!(reqs)
+        };
     }
     let mut conditions = old["conditions"].as_array().cloned().unwrap_or_default();
     let ready_cond = match vmi.and_then(|v| util::condition(v, "Ready")) {
@@ -355,13 +382,20 @@ async fn update_status(ctx: &Ctx, vm: &DynamicObject, vmi: Option<&DynamicObject
     status["conditions"] = json!(conditions);
     status["printableStatus"] = json!(printable_status(vm, vmi, pass));
 
-    let changed = status
-        .as_object()
-        .expect("object")
-        .iter()
-        .any(|(k, v)| if v.is_null() { !old[k].is_null() } else { &old[k] != v });
+    let changed = status.as_object().expect("object").iter().any(|(k, v)| {
+        if v.is_null() {
+            !old[k].is_null()
+        } else {
+            &old[k] != v
+        }
+    });
     if changed {
-        util::patch_status(&ctx.vm_api(&util::ns(vm)), &util::name(vm), &json!({ "status": status })).await?;
+        util::patch_status(
+            &ctx.vm_api(&util::ns(vm)),
+            &util::name(vm),
+            &json!({ "status": status }),
+        )
+        .await?;
     }
 
     // Our finalizer comes off a final VMI once its status is recorded.

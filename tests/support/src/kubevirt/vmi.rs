@@ -15,9 +15,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::util::{self, controller_of, deleting, is_final, phase};
-use super::{
-    Ctx, DEPRECATED_VMI_FINALIZER, Result, Run, VM_CONTROLLER_FINALIZER, VMI_FINALIZER,
-};
+use super::{Ctx, DEPRECATED_VMI_FINALIZER, Result, Run, VM_CONTROLLER_FINALIZER, VMI_FINALIZER};
 use crate::guest::{GuestBoot, PowerOff};
 
 /// A watch event for a VMI: reconcile it (or forget it when gone) and its VM.
@@ -40,7 +38,13 @@ pub(crate) fn on_event(ctx: &Ctx, o: &DynamicObject, gone: bool) {
 /// The VMI watch relisted: runs whose VMI is no longer there ended unseen.
 pub(crate) fn on_relisted(ctx: &Ctx) {
     let live: HashSet<String> = ctx.vmis.state().iter().map(|o| util::uid(o)).collect();
-    let gone: Vec<String> = ctx.state().runs.keys().filter(|u| !live.contains(*u)).cloned().collect();
+    let gone: Vec<String> = ctx
+        .state()
+        .runs
+        .keys()
+        .filter(|u| !live.contains(*u))
+        .cloned()
+        .collect();
     for uid in gone {
         ctx.vanish_run(&uid);
         if let Some(run) = ctx.state().runs.remove(&uid) {
@@ -96,7 +100,10 @@ fn phase_status(ctx: &Ctx, vmi: &DynamicObject, phase: &str, ready: Value) -> Va
     let status = &vmi.data["status"];
     let mut conditions = status["conditions"].as_array().cloned().unwrap_or_default();
     util::upsert_condition(&mut conditions, ready);
-    let mut transitions = status["phaseTransitionTimestamps"].as_array().cloned().unwrap_or_default();
+    let mut transitions = status["phaseTransitionTimestamps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     transitions.push(json!({"phase": phase, "phaseTransitionTimestamp": util::now()}));
     let mut s = json!({
         "phase": phase,
@@ -108,7 +115,9 @@ fn phase_status(ctx: &Ctx, vmi: &DynamicObject, phase: &str, ready: Value) -> Va
     }
     if phase == "Running" {
         // A stable pod-network address per VMI, for the IP printer column.
-        let h = util::uid(vmi).bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32));
+        let h = util::uid(vmi)
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32));
         let ip = format!("10.244.{}.{}", (h >> 8) % 256, (h % 254) + 1);
         s["interfaces"] = json!([{"name": "default", "ipAddress": ip, "ipAddresses": [ip]}]);
         s["guestOSInfo"] = json!({});
@@ -124,10 +133,16 @@ async fn patch_status(ctx: &Ctx, vmi: &DynamicObject, status: &Value) -> Result<
     let mut patch = status.clone();
     patch["metadata"] = json!({"resourceVersion": vmi.metadata.resource_version});
     let name = util::name(vmi);
-    match ctx.vmi_api(&util::ns(vmi)).patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+    match ctx
+        .vmi_api(&util::ns(vmi))
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
         Ok(_) => Ok(()),
         Err(e) if util::is_not_found(&e) => Ok(()),
-        Err(e) => Err(anyhow::Error::from(e).context(format!("updating status of VMI {name}")).into()),
+        Err(e) => Err(anyhow::Error::from(e)
+            .context(format!("updating status of VMI {name}"))
+            .into()),
     }
 }
 
@@ -138,9 +153,10 @@ enum CloudInit {
     /// A referenced Secret does not exist: the pod cannot start (its volume
     /// cannot be mounted), the VMI stays `Scheduling`.
     SecretMissing(String),
-    /// The Secret has none of `userdata`, `userData`, `networkdata`,
-    /// `networkData`: virt-launcher fails the sync ("no cloud-init data-source
-    /// found at volume"), the VMI stays `Scheduled` and never runs.
+    /// The Secret has no (or an empty) `userdata`/`userData` key and the
+    /// volume has no network data either: virt-launcher cannot build the disk
+    /// ("UserData or NetworkData is required for cloud-init data source"),
+    /// the VMI stays `Scheduled` and never runs.
     NoData(String),
 }
 
@@ -161,19 +177,30 @@ async fn resolve_user_data(ctx: &Ctx, vmi: &DynamicObject) -> anyhow::Result<Clo
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(b64.trim())
                     .context("decoding userDataBase64")?;
-                return Ok(CloudInit::Ready(Some(String::from_utf8_lossy(&bytes).into_owned())));
+                return Ok(CloudInit::Ready(Some(
+                    String::from_utf8_lossy(&bytes).into_owned(),
+                )));
             }
             if let Some(secret) = ci["secretRef"]["name"].as_str() {
                 let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
                 let Some(s) = api.get_opt(secret).await? else {
                     return Ok(CloudInit::SecretMissing(secret.to_string()));
                 };
+                // pkg/cloud-init: `userdata`, else `userData`; then an empty
+                // user-data without network data fails GenerateLocalData.
                 let data = s.data.unwrap_or_default();
-                let value = data.get("userdata").or_else(|| data.get("userData"));
-                if value.is_none() && !data.contains_key("networkdata") && !data.contains_key("networkData") {
+                let value = data
+                    .get("userdata")
+                    .or_else(|| data.get("userData"))
+                    .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+                    .filter(|v| !v.is_empty());
+                let network = ci["networkDataSecretRef"].is_object()
+                    || ci["networkData"].is_string()
+                    || ci["networkDataBase64"].is_string();
+                if value.is_none() && !network {
                     return Ok(CloudInit::NoData(secret.to_string()));
                 }
-                return Ok(CloudInit::Ready(value.map(|v| String::from_utf8_lossy(&v.0).into_owned())));
+                return Ok(CloudInit::Ready(value));
             }
         }
     }
@@ -183,7 +210,9 @@ async fn resolve_user_data(ctx: &Ctx, vmi: &DynamicObject) -> anyhow::Result<Clo
 /// Records a cloud-init problem of a run; true when it is new (log it then).
 fn note_problem(ctx: &Ctx, uid: &str, problem: Option<String>) -> bool {
     let mut st = ctx.state();
-    let Some(run) = st.runs.get_mut(uid) else { return false };
+    let Some(run) = st.runs.get_mut(uid) else {
+        return false;
+    };
     let new = problem.is_some() && run.cloud_init_problem != problem;
     run.cloud_init_problem = problem;
     new
@@ -209,7 +238,13 @@ pub(crate) async fn reconcile(vmi: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<
             vanished: false,
             stop_at: None,
         });
-        (run.first_seen, run.boot, run.booted, run.powered_off, run.user_data.clone())
+        (
+            run.first_seen,
+            run.boot,
+            run.booted,
+            run.powered_off,
+            run.user_data.clone(),
+        )
     };
     let cur = phase(&vmi).to_string();
 
@@ -220,15 +255,27 @@ pub(crate) async fn reconcile(vmi: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<
             let stop_at = {
                 let mut st = ctx.state();
                 let wall = ctx.wall(ctx.cfg.stop_latency);
-                *st.runs.get_mut(&uid).expect("run exists").stop_at.get_or_insert(now + wall)
+                *st.runs
+                    .get_mut(&uid)
+                    .expect("run exists")
+                    .stop_at
+                    .get_or_insert(now + wall)
             };
             if now < stop_at {
                 return Ok(Action::requeue(stop_at - now));
             }
             // ACPI shutdown of a running guest ends as Succeeded; a VMI that
             // never ran is Failed.
-            let final_phase = if cur == "Running" { "Succeeded" } else { "Failed" };
-            let ready = ready_condition("False", "PodTerminating", "virt-launcher pod is terminating");
+            let final_phase = if cur == "Running" {
+                "Succeeded"
+            } else {
+                "Failed"
+            };
+            let ready = ready_condition(
+                "False",
+                "PodTerminating",
+                "virt-launcher pod is terminating",
+            );
             patch_status(&ctx, &vmi, &phase_status(&ctx, &vmi, final_phase, ready)).await?;
             return Ok(Action::await_change());
         }
@@ -248,7 +295,11 @@ pub(crate) async fn reconcile(vmi: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<
     }
 
     if powered_off {
-        let ready = ready_condition("False", "PodTerminating", "virt-launcher pod is terminating");
+        let ready = ready_condition(
+            "False",
+            "PodTerminating",
+            "virt-launcher pod is terminating",
+        );
         patch_status(&ctx, &vmi, &phase_status(&ctx, &vmi, "Succeeded", ready)).await?;
         return Ok(Action::await_change());
     }
@@ -272,7 +323,9 @@ pub(crate) async fn reconcile(vmi: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<
     // restarted) is booted with whatever there is.
     if rank(target) >= 3 && user_data.is_none() && cur != "Running" {
         // Polled like kubelet retries a volume mount: not faster than 100 ms.
-        let poll = ctx.wall(Duration::from_secs(2)).max(Duration::from_millis(100));
+        let poll = ctx
+            .wall(Duration::from_secs(2))
+            .max(Duration::from_millis(100));
         match resolve_user_data(&ctx, &vmi).await? {
             CloudInit::Ready(ud) => {
                 note_problem(&ctx, &uid, None);
@@ -285,15 +338,19 @@ pub(crate) async fn reconcile(vmi: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<
                 if note_problem(&ctx, &uid, Some(format!("secret {secret} missing"))) {
                     tracing::warn!(namespace = %ns, vmi = %name, secret, "cloud-init secret not found: the pod cannot start");
                 }
-                target = if rank(&cur) >= 2 { cur.as_str() } else { "Scheduling" };
+                target = if rank(&cur) >= 2 {
+                    cur.as_str()
+                } else {
+                    "Scheduling"
+                };
                 retry = Some(poll);
             }
             CloudInit::NoData(secret) => {
                 if note_problem(&ctx, &uid, Some(format!("secret {secret} without data"))) {
                     tracing::warn!(
                         namespace = %ns, vmi = %name, secret,
-                        "cloud-init secret has no userdata/userData (or networkdata/networkData) key: \
-                         virt-launcher cannot build the cloud-init disk, the VMI does not start"
+                        "cloud-init secret has no userdata/userData key (or it is empty) and there is no \
+                         network data: virt-launcher cannot build the cloud-init disk, the VMI does not start"
                     );
                 }
                 target = "Scheduled";
@@ -307,8 +364,16 @@ pub(crate) async fn reconcile(vmi: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<
                 "type": "Ready", "status": "True", "reason": null, "message": null,
                 "lastProbeTime": null, "lastTransitionTime": util::now(),
             }),
-            "Pending" => ready_condition("False", "PodNotExists", "virt-launcher pod has not yet been scheduled"),
-            _ => ready_condition("False", "GuestNotRunning", "Guest VM is not reported as running"),
+            "Pending" => ready_condition(
+                "False",
+                "PodNotExists",
+                "virt-launcher pod has not yet been scheduled",
+            ),
+            _ => ready_condition(
+                "False",
+                "GuestNotRunning",
+                "Guest VM is not reported as running",
+            ),
         };
         patch_status(&ctx, &vmi, &phase_status(&ctx, &vmi, target, ready)).await?;
     }
@@ -338,7 +403,12 @@ pub(crate) async fn reconcile(vmi: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<
             let tx = ctx.power_off_tx.clone();
             let power_uid = uid.clone();
             ctx.guest.boot(
-                GuestBoot { namespace: ns.clone(), vm_name: name.clone(), vmi_uid: uid.clone(), user_data },
+                GuestBoot {
+                    namespace: ns.clone(),
+                    vm_name: name.clone(),
+                    vmi_uid: uid.clone(),
+                    user_data,
+                },
                 PowerOff::new(move || {
                     let _ = tx.unbounded_send(power_uid);
                 }),
@@ -349,16 +419,21 @@ pub(crate) async fn reconcile(vmi: Arc<DynamicObject>, ctx: Arc<Ctx>) -> Result<
     let next = if let Some(r) = retry {
         Some(r)
     } else {
-        [at(0.1), at(0.5), boot].into_iter().find(|t| *t > elapsed).map(|t| t - elapsed)
+        [at(0.1), at(0.5), boot]
+            .into_iter()
+            .find(|t| *t > elapsed)
+            .map(|t| t - elapsed)
     };
-    Ok(next.map(|d| Action::requeue(d.max(Duration::from_millis(1)))).unwrap_or_else(Action::await_change))
+    Ok(next
+        .map(|d| Action::requeue(d.max(Duration::from_millis(1))))
+        .unwrap_or_else(Action::await_change))
 }
 
 fn has_owner_vm(ctx: &Ctx, vmi: &DynamicObject) -> bool {
     match controller_of(vmi) {
-        Some(r) if r.kind == "VirtualMachine" => {
-            ctx.get_vm(&util::ns(vmi), &r.name).is_some_and(|vm| util::uid(&vm) == r.uid)
-        }
+        Some(r) if r.kind == "VirtualMachine" => ctx
+            .get_vm(&util::ns(vmi), &r.name)
+            .is_some_and(|vm| util::uid(&vm) == r.uid),
         _ => false,
     }
 }
