@@ -49,3 +49,24 @@ env-down:
 demo: tools
 	@echo "make demo: the one-command demo (operator + example RunnerPool + a replayed CI trace)"
 	@echo "is built by the demo issue; until then use 'make env-up' to start the local environment."
+
+## Helm chart (charts/runner-provisioner).
+.PHONY: chart-crds chart-lint chart-test
+HELM ?= $(shell tests/tools/build.sh --print)/helm
+CHART := charts/runner-provisioner
+
+## Copy the RunnerPool CRD into the chart and regenerate the pool part of its
+## values.schema.json from it (after `make crds`).
+chart-crds:
+	cp crds/runnerpool.yaml $(CHART)/crds/runnerpool.yaml
+	RP_UPDATE_CHART=1 $(CARGO) test --quiet --test chart -- --exact values_schema_is_generated_from_the_crd
+
+## helm lint --strict with the chart's defaults and every ci/*.yaml.
+chart-lint: tools
+	$(HELM) lint --strict $(CHART)
+	for f in $(CHART)/ci/*.yaml; do $(HELM) lint --strict $(CHART) -f "$$f"; done
+
+## The chart tests: lint, template assertions, server-side dry-run of every
+## render and example, the operator with the chart's RBAC.
+chart-test: tools
+	$(CARGO) test --test chart
