@@ -39,6 +39,91 @@ pub enum Command {
     /// Print, without a cluster, the Secret and the VirtualMachinePool the
     /// operator would apply for a RunnerPool manifest.
     Render(RenderArgs),
+    /// Replay a CI job trace in virtual time through the scaling policy the
+    /// operator runs, and report job waits and VM-hours.
+    Simulate(SimulateArgs),
+}
+
+/// `simulate` options.
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// The trace: CSV lines `arrival_s,duration_s[,group]` sorted by arrival.
+    #[arg(long)]
+    pub trace: PathBuf,
+    /// The RunnerPool whose `spec.scaling` to replay.
+    #[arg(short = 'f', long)]
+    pub file: PathBuf,
+    /// `operator`: the RunnerPool's scaling spec; `reference`: CircleCI's
+    /// clamp(unclaimed + running, min, max).
+    #[arg(long, value_enum, default_value = "operator")]
+    pub policy: crate::sim::PolicyChoice,
+    /// VM boot time: a duration or a uniform range `MIN..MAX`.
+    #[arg(long, default_value = "120s..300s")]
+    pub boot_time: String,
+    /// Poll interval.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub poll: Duration,
+    /// Seed of the boot times.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Replay only the first DAYS days of the trace.
+    #[arg(long)]
+    pub days: Option<f64>,
+    /// Write the result (and the timeline) as JSON here.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Write a PNG plot of queue, running, VMs and replicas over time here.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+/// Parses `120s..300s` or `200s`.
+pub fn boot_range(s: &str) -> Result<(Duration, Duration), String> {
+    match s.split_once("..") {
+        Some((a, b)) => {
+            let (a, b) = (duration(a.trim())?, duration(b.trim())?);
+            if a > b {
+                return Err(format!("boot time range {s:?}: the minimum is above the maximum"));
+            }
+            Ok((a, b))
+        }
+        None => {
+            let d = duration(s.trim())?;
+            Ok((d, d))
+        }
+    }
+}
+
+/// The `simulate` subcommand: prints a summary table; optionally writes JSON
+/// and a plot.
+pub fn simulate(a: &SimulateArgs) -> Result<String, String> {
+    let text = std::fs::read_to_string(&a.trace)
+        .map_err(|e| format!("cannot read {}: {e}", a.trace.display()))?;
+    let jobs = crate::sim::parse_trace(&text)?;
+    let pool_text = std::fs::read_to_string(&a.file)
+        .map_err(|e| format!("cannot read {}: {e}", a.file.display()))?;
+    let pool = parse_runner_pool(&pool_text)?;
+    let spec = validate(&pool.spec)
+        .map_err(|errs| format!("invalid RunnerPool:\n  {}", errs.join("\n  ")))?;
+    let (boot_min, boot_max) = boot_range(&a.boot_time)?;
+    let opts = crate::sim::SimOptions {
+        poll: a.poll,
+        boot_min,
+        boot_max,
+        seed: a.seed,
+        horizon: a.days.map(|d| Duration::from_secs_f64(d * 86400.0)),
+        sample_every: (a.output.is_some() || a.plot.is_some()).then(|| Duration::from_secs(60)),
+        ..Default::default()
+    };
+    let r = crate::sim::simulate(&jobs, &spec, a.policy, &opts);
+    if let Some(p) = &a.output {
+        let json = serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?;
+        std::fs::write(p, json).map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+    }
+    if let Some(p) = &a.plot {
+        crate::sim::plot::write_png(&r, p)?;
+    }
+    Ok(crate::sim::table(&[(&format!("{:?}", a.policy).to_lowercase(), &r)]))
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -120,6 +205,16 @@ pub fn main() -> ExitCode {
             print!("{}", crd::crd_yaml());
             ExitCode::SUCCESS
         }
+        Command::Simulate(a) => match simulate(&a) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("runner-provisioner simulate: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Render(a) => match render(&a) {
             Ok(out) => {
                 print!("{out}");

@@ -414,6 +414,11 @@ async fn apply(pool: Arc<RunnerPool>, ctx: &Context) -> Result<Action> {
             .as_ref()
             .map(|s| s.conditions.clone())
             .unwrap_or_default(),
+        forecast: pool
+            .status
+            .as_ref()
+            .and_then(|s| s.forecast_hourly_peaks.clone())
+            .unwrap_or_default(),
     };
 
     let valid = match validate(&pool.spec) {

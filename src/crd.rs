@@ -314,6 +314,20 @@ pub struct ScalingSpec {
     #[schemars(range(min = 0, max = 10000))]
     pub idle_buffer: i32,
 
+    /// While tasks wait, boot this many extra VMs per hundred waiting tasks
+    /// (e.g. 50: 9 more for 18 waiting). Boot times vary, so the tasks go to
+    /// the fastest boots and the rest serve the next tasks (or are retired
+    /// early, see retireSurplusBooting).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1000))]
+    pub burst_percent: i32,
+
+    /// Delete VMs above the wanted size while they have not started their
+    /// guest yet (no VMI, or a VMI that has not reached Running): such a VM
+    /// has no runner, so no job can be lost. Cuts the cost of burstPercent.
+    #[serde(default)]
+    pub retire_surplus_booting: bool,
+
     /// At most this many VMs beyond the Ready ones, i.e. booting at once
     /// (protects a cluster that cannot boot many VMs together). Unset: no
     /// cap.
@@ -674,6 +688,12 @@ pub struct RunnerPoolStatus {
     /// `kubectl get vm -l <selector>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
+
+    /// What `scaling.forecast` learned: the peak VMs needed in each hour of
+    /// the week (168 values, Monday 00:00 UTC first, in sixteenths of a VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 168))]
+    pub forecast_hourly_peaks: Option<Vec<u32>>,
 
     /// The `scaling.schedules` entry in force, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -35,13 +35,19 @@ pub fn vm_pool_name(vm: &DynamicObject) -> Option<&str> {
         .map(String::as_str)
 }
 
+/// printableStatus values of a VM whose guest has not started: no VMI yet,
+/// or a VMI that is Pending, Scheduling or Scheduled (not Running).
+pub const GUEST_NOT_STARTED: &[&str] = &["Provisioning", "Starting", "WaitingForVolumeBinding"];
+
 /// What the scale-in rules need to know about one VM.
 ///
 /// A VM is [`VmState::Stopped`] only when KubeVirt says `printableStatus:
 /// Stopped` and the VM is not ready: then no VMI runs, so no runner can be
 /// running a job. Everything else that is not being deleted (no status yet,
 /// Provisioning, Starting, Running, Stopping, errors, unknown values) is
-/// [`VmState::Active`]: it may be running a job, and is never retired.
+/// [`VmState::Active`]: it may be running a job, and is never retired;
+/// except [`VmState::Booting`]: not ready and Provisioning, Starting or
+/// WaitingForVolumeBinding, i.e. its guest has not started, so no runner.
 pub fn vm_view(vm: &DynamicObject) -> VmView {
     let status = &vm.data["status"];
     let ready = status["ready"].as_bool() == Some(true);
@@ -50,6 +56,8 @@ pub fn vm_view(vm: &DynamicObject) -> VmView {
         VmState::Terminating
     } else if printable == "Stopped" && !ready {
         VmState::Stopped
+    } else if !ready && GUEST_NOT_STARTED.contains(&printable) {
+        VmState::Booting
     } else {
         VmState::Active
     };
@@ -62,6 +70,11 @@ pub fn vm_view(vm: &DynamicObject) -> VmView {
             .finalizers
             .as_ref()
             .is_some_and(|f| f.iter().any(|x| x == POOL_FINALIZER)),
+        created_secs: vm
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(0, |t| t.0.as_second()),
     }
 }
 
@@ -124,10 +137,15 @@ mod tests {
             s(json!({"printableStatus": "Stopped", "ready": true})),
             VmState::Active
         );
+        assert_eq!(s(json!({"printableStatus": "Starting"})), VmState::Booting);
+        assert_eq!(s(json!({"printableStatus": "Provisioning", "ready": false})), VmState::Booting);
+        assert_eq!(
+            s(json!({"printableStatus": "Starting", "ready": true})),
+            VmState::Active,
+            "inconsistent: Starting but Ready"
+        );
         for p in [
             "Running",
-            "Starting",
-            "Provisioning",
             "Stopping",
             "Unknown",
             "CrashLoopBackOff",

@@ -12,4 +12,5 @@ pub mod leader;
 pub mod metrics;
 pub mod resources;
 pub mod scaler;
+pub mod sim;
 pub mod telemetry;

@@ -35,6 +35,10 @@ pub struct ValidSpec {
     pub idle_buffer: u32,
     /// `spec.scaling.maxSurge`.
     pub max_surge: Option<u32>,
+    /// `spec.scaling.burstPercent`.
+    pub burst_percent: u32,
+    /// `spec.scaling.retireSurplusBooting`.
+    pub retire_booting: bool,
     /// `spec.scaling.scaleDownDelay`.
     pub scale_down_delay: Duration,
     /// `spec.scaling.schedules`, parsed.
@@ -56,6 +60,8 @@ impl ValidSpec {
             max_surge: self.max_surge,
             scale_down_delay_secs: self.scale_down_delay.as_secs(),
             warm,
+            burst_percent: self.burst_percent,
+            retire_booting: self.retire_booting,
         };
         let active = schedule::active(&self.schedules, t);
         if let Some(s) = active {
@@ -139,6 +145,7 @@ pub fn validate(spec: &RunnerPoolSpec) -> Result<ValidSpec, Vec<String>> {
     };
     let headroom = nonneg("headroom", scaling.headroom, &mut errs);
     let idle_buffer = nonneg("idleBuffer", scaling.idle_buffer, &mut errs);
+    let burst_percent = nonneg("burstPercent", scaling.burst_percent, &mut errs);
     let max_surge = match scaling.max_surge {
         Some(v) if v < 1 => {
             errs.push("spec.scaling.maxSurge: must be at least 1".into());
@@ -213,6 +220,8 @@ pub fn validate(spec: &RunnerPoolSpec) -> Result<ValidSpec, Vec<String>> {
             headroom,
             idle_buffer,
             max_surge,
+            burst_percent,
+            retire_booting: scaling.retire_surplus_booting,
             scale_down_delay: scale_down_delay.unwrap_or_default(),
             schedules,
             forecast_percent,

@@ -7,6 +7,7 @@
 //! controller hands it what it learned (validity, Secrets, apply errors)
 //! through [`PoolConfig`].
 
+pub mod forecast;
 pub mod policy;
 pub mod report;
 pub mod schedule;
@@ -91,9 +92,24 @@ pub struct PoolConfig {
     /// The RunnerPool's status conditions when the controller read it (to
     /// keep transition times across restarts).
     pub conditions: Vec<Condition>,
+    /// The forecast learned so far (from status), to resume from.
+    pub forecast: Vec<u32>,
 }
 
 impl PoolConfig {
+    /// Whether `other` asks for anything different. The initial `conditions`
+    /// and `forecast` (read back from the status this scaler writes) do not
+    /// count: otherwise every status write would wake the scaler.
+    pub fn same_as(&self, other: &PoolConfig) -> bool {
+        self.key == other.key
+            && self.generation == other.generation
+            && self.object_ref.uid == other.object_ref.uid
+            && self.spec == other.spec
+            && self.api_token == other.api_token
+            && self.stalled == other.stalled
+            && self.reconciling == other.reconciling
+    }
+
     /// Whether the scaler may poll CircleCI and change the pool's size.
     fn can_poll(&self) -> Option<(&ValidSpec, &ApiToken)> {
         match (&self.spec, &self.api_token, &self.stalled) {
@@ -286,7 +302,7 @@ impl Scalers {
             && !h.task.is_finished()
         {
             h.config.send_if_modified(|old| {
-                if *old == cfg {
+                if old.same_as(&cfg) {
                     false
                 } else {
                     *old = cfg;
@@ -513,6 +529,23 @@ pub async fn act(shared: &Shared, key: &PoolKey, current: u32, plan: &Plan) -> A
             }
         }
     }
+    for name in &plan.cancel {
+        let Some(vm) = objects.iter().find(|o| o.metadata.name.as_deref() == Some(name)) else {
+            continue;
+        };
+        // Only a VM whose guest has not started; the delete's resourceVersion
+        // precondition fails if it moved on since this view.
+        if vm_view(vm).state != policy::VmState::Booting {
+            continue;
+        }
+        match retire_vm(shared, key, vm).await {
+            Ok(true) => acted.retired += 1,
+            Ok(false) => {}
+            Err(e) => {
+                acted.error.get_or_insert(e);
+            }
+        }
+    }
     for name in &plan.release {
         if let Err(e) = release_vm(shared, key, name).await {
             acted.error.get_or_insert(e);
@@ -540,6 +573,7 @@ struct PoolTask {
     policy: policy::State,
     started: Instant,
     schedule: Option<String>,
+    forecast: forecast::Forecast,
 }
 
 async fn run_pool(
@@ -563,6 +597,7 @@ async fn run_pool(
         policy: policy::State::default(),
         started: Instant::now(),
         schedule: None,
+        forecast: forecast::Forecast::from_peaks(&first.forecast),
     };
     tokio::select! {
         _ = stop.cancelled() => return,
@@ -659,7 +694,16 @@ impl PoolTask {
         let mut plan_opt = None;
         if let (Some(pool), Some(spec)) = (&pool_obj, &cfg.spec) {
             let current = pool_view(pool).spec_replicas;
-            let (controls, schedule) = spec.controls_at(Timestamp::now(), 0);
+            let now = Timestamp::now();
+            let warm = match (spec.forecast_percent, demand) {
+                (Some(p), Some(d)) => {
+                    self.forecast.observe(now, d.unclaimed.saturating_add(d.running));
+                    self.forecast.warm(now, p)
+                }
+                (Some(p), None) => self.forecast.warm(now, p),
+                (None, _) => 0,
+            };
+            let (controls, schedule) = spec.controls_at(now, warm);
             self.schedule = schedule.map(str::to_string);
             // While stalled (e.g. the API token Secret vanished) the pool is
             // held exactly like during a CircleCI outage.
@@ -781,6 +825,11 @@ impl PoolTask {
             last_poll: self.last_poll.clone(),
             selector: Some(crate::resources::selector(&key.name)),
             active_schedule: self.schedule.clone(),
+            forecast: cfg
+                .spec
+                .as_ref()
+                .and_then(|s| s.forecast_percent)
+                .map(|_| self.forecast.peaks.clone()),
         };
         self.write_status(cfg, &situation).await;
 

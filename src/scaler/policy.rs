@@ -42,6 +42,12 @@ pub struct Controls {
     /// A floor from the forecast (VMs expected to be needed soon); 0 when
     /// forecasting is off.
     pub warm: u32,
+    /// `burstPercent`: while tasks wait, boot this percentage of the waiting
+    /// tasks on top (boot times vary, so the fastest boots take the tasks).
+    pub burst_percent: u32,
+    /// `retireSurplusBooting`: delete VMs above the wanted size that have
+    /// not started their guest yet (provably no job).
+    pub retire_booting: bool,
 }
 
 /// `spec.scaling` bounds (the controls of the reference policy).
@@ -66,9 +72,13 @@ impl From<Bounds> for Controls {
 /// What a VM is doing, as far as scale-in is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum VmState {
-    /// Booting, running, idle, migrating, erroring...: may be running a job.
-    /// Never retired.
+    /// Running, idle, migrating, erroring...: may be running a job. Never
+    /// retired.
     Active,
+    /// Created but its guest has not started (no VMI yet, or the VMI has
+    /// not reached Running): no runner exists, so no job. Counts like
+    /// Active, and may be retired as surplus when `retire_booting` is on.
+    Booting,
     /// The guest powered off (job done or idle timeout): no runner runs. To
     /// be retired.
     Stopped,
@@ -87,6 +97,8 @@ pub struct VmView {
     pub ready: bool,
     /// Still carries `pool.kubevirt.io/finalizer`.
     pub has_pool_finalizer: bool,
+    /// Creation time in seconds (any epoch; only the order matters).
+    pub created_secs: i64,
 }
 
 /// Everything the policy looks at.
@@ -121,6 +133,9 @@ pub struct Plan {
     pub replicas: u32,
     /// Stopped VMs to delete, after `replicas` is written.
     pub retire: Vec<String>,
+    /// Surplus VMs whose guest has not started, to delete after `replicas`
+    /// is written (only with `retire_booting`).
+    pub cancel: Vec<String>,
     /// VMs already being deleted whose pool finalizer must be removed
     /// (KubeVirt's unmanaged scale-in never removes it).
     pub release: Vec<String>,
@@ -153,6 +168,8 @@ pub fn wanted(demand: Demand, c: &Controls) -> u32 {
     if base > 0 {
         want = want.saturating_add(c.headroom);
     }
+    let burst = (u64::from(demand.unclaimed) * u64::from(c.burst_percent)).div_ceil(100);
+    want = want.saturating_add(burst.min(u64::from(u32::MAX)) as u32);
     want.max(c.warm).max(c.min).min(c.max)
 }
 
@@ -162,6 +179,7 @@ pub fn plan(state: &mut State, input: &Input<'_>) -> Plan {
     let mut ready = 0u32;
     let mut retire = Vec::new();
     let mut release = Vec::new();
+    let mut booting: Vec<&VmView> = Vec::new();
     for vm in input.vms {
         match vm.state {
             VmState::Active => {
@@ -169,6 +187,10 @@ pub fn plan(state: &mut State, input: &Input<'_>) -> Plan {
                 if vm.ready {
                     ready += 1;
                 }
+            }
+            VmState::Booting => {
+                active += 1;
+                booting.push(vm);
             }
             VmState::Stopped => retire.push(vm.name.clone()),
             VmState::Terminating => {
@@ -204,11 +226,24 @@ pub fn plan(state: &mut State, input: &Input<'_>) -> Plan {
             None => held,
         }
     });
+    // Surplus VMs that have not started a guest can go (newest first: they
+    // are the furthest from ready).
+    let mut cancel = Vec::new();
+    if let Some(want) = desired
+        && c.retire_booting
+        && want < active
+    {
+        booting.sort_by(|a, b| b.created_secs.cmp(&a.created_secs).then(b.name.cmp(&a.name)));
+        let n = ((active - want) as usize).min(booting.len());
+        cancel = booting[..n].iter().map(|v| v.name.clone()).collect();
+        cancel.sort();
+    }
+    let keep = active - cancel.len() as u32;
     let replicas = match desired {
         // Retiring the stopped VMs and writing max(desired, active) is the
         // recipe's "first lower replicas by the number retired": the pool then
         // holds the active VMs plus fresh ones up to `desired`.
-        Some(want) => want.max(active),
+        Some(want) => want.max(keep),
         // Hold: no new information, no change. Stopped VMs are still
         // retired; the pool replaces them, keeping its last decided size.
         None => input.current_replicas,
@@ -217,6 +252,7 @@ pub fn plan(state: &mut State, input: &Input<'_>) -> Plan {
         desired,
         replicas,
         retire,
+        cancel,
         release,
         active,
         ready,
@@ -233,6 +269,7 @@ mod tests {
             state,
             ready: state == VmState::Active,
             has_pool_finalizer: true,
+            created_secs: 0,
         }
     }
 

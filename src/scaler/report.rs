@@ -82,6 +82,8 @@ pub struct Situation {
     pub selector: Option<String>,
     /// The active schedule entry.
     pub active_schedule: Option<String>,
+    /// The forecast's learned peaks, when forecasting is on.
+    pub forecast: Option<Vec<u32>>,
 }
 
 fn as_i32(n: Option<u32>) -> Option<i32> {
@@ -175,6 +177,7 @@ pub fn build_status(s: &Situation, previous: &[Condition], now: Time) -> RunnerP
         last_poll_time: s.last_poll.clone(),
         selector: s.selector.clone(),
         active_schedule: s.active_schedule.clone(),
+        forecast_hourly_peaks: s.forecast.clone(),
         conditions,
     }
 }
@@ -214,6 +217,7 @@ mod tests {
             last_poll: Some(t(100)),
             selector: Some("runners.provisioner.dev/pool=p".into()),
             active_schedule: None,
+            forecast: None,
         }
     }
 
