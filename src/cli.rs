@@ -83,7 +83,9 @@ pub fn boot_range(s: &str) -> Result<(Duration, Duration), String> {
         Some((a, b)) => {
             let (a, b) = (duration(a.trim())?, duration(b.trim())?);
             if a > b {
-                return Err(format!("boot time range {s:?}: the minimum is above the maximum"));
+                return Err(format!(
+                    "boot time range {s:?}: the minimum is above the maximum"
+                ));
             }
             Ok((a, b))
         }
@@ -123,7 +125,10 @@ pub fn simulate(a: &SimulateArgs) -> Result<String, String> {
     if let Some(p) = &a.plot {
         crate::sim::plot::write_png(&r, p)?;
     }
-    Ok(crate::sim::table(&[(&format!("{:?}", a.policy).to_lowercase(), &r)]))
+    Ok(crate::sim::table(&[(
+        &format!("{:?}", a.policy).to_lowercase(),
+        &r,
+    )]))
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -154,6 +159,11 @@ pub struct RunArgs {
     /// RunnerPools reconciled at once.
     #[arg(long, env = "CONCURRENCY", default_value_t = 16)]
     pub concurrency: u16,
+    /// CircleCI API requests per second per API host, shared by every pool
+    /// (each poll is 2 requests; 1,000 pools polling every 5 s need 400/s).
+    /// A 429 with Retry-After pauses all pools of that host.
+    #[arg(long, env = "CIRCLECI_MAX_RPS", default_value_t = 500.0)]
+    pub circleci_max_rps: f64,
     /// Elect a leader through a Lease (needed with more than one replica).
     #[arg(long, env = "LEADER_ELECTION", default_value_t = true, action = ArgAction::Set)]
     pub leader_election: bool,
@@ -304,6 +314,7 @@ pub async fn run(a: RunArgs) -> Result<(), String> {
         circleci_timeout: a.circleci_timeout,
         concurrency: a.concurrency.max(1),
         identity: identity.clone(),
+        circleci_max_rps: a.circleci_max_rps,
     };
 
     if !a.leader_election {

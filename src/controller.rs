@@ -63,6 +63,8 @@ pub struct Options {
     pub concurrency: u16,
     /// This instance's identity (events' reporting instance).
     pub identity: String,
+    /// CircleCI requests per second per API host, shared by all pools.
+    pub circleci_max_rps: f64,
 }
 
 /// What reconcile needs.
@@ -190,6 +192,7 @@ pub async fn run(
         recorder,
         vms: vms.clone(),
         pools: pool_store.clone(),
+        gate: crate::scaler::budget::HostGate::new(opts.circleci_max_rps, opts.circleci_max_rps),
     });
     let ctx = Arc::new(Context {
         client: client.clone(),

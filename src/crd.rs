@@ -299,6 +299,15 @@ pub struct ScalingSpec {
     #[x_kube(validation = Rule::new(format!("!self.matches('{GO_DURATION_PATTERN}') || duration(self) >= duration('1s')")).message("must be at least 1s"))]
     pub poll_interval: String,
 
+    /// How often to poll once the resource class has had no task for 15
+    /// minutes (adaptive polling: saves API calls in quiet hours, at the
+    /// cost of up to this long before the first job after a quiet spell is
+    /// seen). `0s` or anything not above pollInterval: always pollInterval.
+    #[serde(default = "default_idle_poll_interval")]
+    #[schemars(length(min = 1, max = 64))]
+    #[x_kube(validation = Rule::new(format!("self.matches('{GO_DURATION_PATTERN}')")).message("must be a duration such as 0s or 30s (units: ns, us, ms, s, m, h)"))]
+    pub idle_poll_interval: String,
+
     /// Spare VMs kept above the task count while tasks wait or run
     /// (CircleCI's `headroom`): a burst finds VMs already booting. None are
     /// kept while the queue is empty; use idleBuffer or minReplicas for that.
@@ -428,6 +437,10 @@ fn default_forecast_percent() -> i32 {
 
 fn default_time_zone() -> String {
     "UTC".to_string()
+}
+
+fn default_idle_poll_interval() -> String {
+    "0s".to_string()
 }
 
 fn default_scale_down_delay() -> String {

@@ -138,7 +138,10 @@ mod tests {
             VmState::Active
         );
         assert_eq!(s(json!({"printableStatus": "Starting"})), VmState::Booting);
-        assert_eq!(s(json!({"printableStatus": "Provisioning", "ready": false})), VmState::Booting);
+        assert_eq!(
+            s(json!({"printableStatus": "Provisioning", "ready": false})),
+            VmState::Booting
+        );
         assert_eq!(
             s(json!({"printableStatus": "Starting", "ready": true})),
             VmState::Active,

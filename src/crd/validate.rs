@@ -29,6 +29,8 @@ pub struct ValidSpec {
     pub poll_interval: Duration,
     /// `spec.runner.maxRunTime`.
     pub max_run_time: Option<Duration>,
+    /// `spec.scaling.idlePollInterval` (zero: off).
+    pub idle_poll_interval: Duration,
     /// `spec.scaling.headroom`.
     pub headroom: u32,
     /// `spec.scaling.idleBuffer`.
@@ -143,6 +145,12 @@ pub fn validate(spec: &RunnerPoolSpec) -> Result<ValidSpec, Vec<String>> {
         }
         v.max(0) as u32
     };
+    let idle_poll_interval = duration(
+        "spec.scaling.idlePollInterval",
+        &scaling.idle_poll_interval,
+        &mut errs,
+    )
+    .unwrap_or_default();
     let headroom = nonneg("headroom", scaling.headroom, &mut errs);
     let idle_buffer = nonneg("idleBuffer", scaling.idle_buffer, &mut errs);
     let burst_percent = nonneg("burstPercent", scaling.burst_percent, &mut errs);
@@ -217,6 +225,7 @@ pub fn validate(spec: &RunnerPoolSpec) -> Result<ValidSpec, Vec<String>> {
             idle_timeout,
             poll_interval: poll_interval.unwrap_or(MIN_POLL_INTERVAL),
             max_run_time,
+            idle_poll_interval,
             headroom,
             idle_buffer,
             max_surge,

@@ -97,7 +97,11 @@ mod tests {
     #[test]
     fn hour_of_week_is_monday_based_utc() {
         assert_eq!(hours(at("2026-11-30T00:00:00Z")).1, 0, "a Monday");
-        assert_eq!(hours(at("2026-12-04T17:30:00Z")).1, 4 * 24 + 17, "Friday 17h");
+        assert_eq!(
+            hours(at("2026-12-04T17:30:00Z")).1,
+            4 * 24 + 17,
+            "Friday 17h"
+        );
         assert_eq!(hours(at("2026-12-06T23:59:59Z")).1, HOURS - 1);
     }
 
@@ -109,8 +113,16 @@ mod tests {
             assert!(!f.observe(at(&format!("2026-12-04T17:{m:02}:00Z")), d));
         }
         assert!(f.observe(at("2026-12-04T18:00:00Z"), 0), "the hour folds");
-        assert_eq!(f.warm(at("2026-12-11T17:10:00Z"), 100), 5, "half weight after one week");
-        assert_eq!(f.warm(at("2026-12-11T16:10:00Z"), 100), 5, "warms the hour before");
+        assert_eq!(
+            f.warm(at("2026-12-11T17:10:00Z"), 100),
+            5,
+            "half weight after one week"
+        );
+        assert_eq!(
+            f.warm(at("2026-12-11T16:10:00Z"), 100),
+            5,
+            "warms the hour before"
+        );
         assert_eq!(f.warm(at("2026-12-11T16:10:00Z"), 50), 3);
         assert_eq!(f.warm(at("2026-12-11T12:00:00Z"), 100), 0);
         // A second week with the same peak: 7.5 -> 8.

@@ -7,6 +7,7 @@
 //! controller hands it what it learned (validity, Secrets, apply errors)
 //! through [`PoolConfig`].
 
+pub mod budget;
 pub mod forecast;
 pub mod policy;
 pub mod report;
@@ -236,6 +237,8 @@ pub struct Shared {
     pub vms: VmIndex,
     /// The VirtualMachinePools the operator owns.
     pub pools: Store<DynamicObject>,
+    /// The per-host CircleCI request gate.
+    pub gate: budget::HostGate,
 }
 
 impl Shared {
@@ -530,7 +533,10 @@ pub async fn act(shared: &Shared, key: &PoolKey, current: u32, plan: &Plan) -> A
         }
     }
     for name in &plan.cancel {
-        let Some(vm) = objects.iter().find(|o| o.metadata.name.as_deref() == Some(name)) else {
+        let Some(vm) = objects
+            .iter()
+            .find(|o| o.metadata.name.as_deref() == Some(name))
+        else {
             continue;
         };
         // Only a VM whose guest has not started; the delete's resourceVersion
@@ -574,6 +580,7 @@ struct PoolTask {
     started: Instant,
     schedule: Option<String>,
     forecast: forecast::Forecast,
+    busy_at: Instant,
 }
 
 async fn run_pool(
@@ -598,6 +605,7 @@ async fn run_pool(
         started: Instant::now(),
         schedule: None,
         forecast: forecast::Forecast::from_peaks(&first.forecast),
+        busy_at: Instant::now(),
     };
     tokio::select! {
         _ = stop.cancelled() => return,
@@ -619,15 +627,19 @@ impl PoolTask {
     async fn tick(&mut self, cfg: &PoolConfig) -> Duration {
         let key = &cfg.key;
         let m = &self.shared.metrics;
-        let poll_interval = cfg
-            .spec
-            .as_ref()
-            .map(|s| s.poll_interval)
-            .unwrap_or(Duration::from_secs(30));
+        let poll_interval = cfg.spec.as_ref().map_or(Duration::from_secs(30), |s| {
+            budget::poll_interval(
+                s.poll_interval,
+                s.idle_poll_interval,
+                self.busy_at.elapsed(),
+            )
+        });
 
         // Demand.
         let demand = match cfg.can_poll() {
             Some((spec, token)) => {
+                let host = budget::host_of(&spec.api_url);
+                self.shared.gate.acquire(&host, 2.0).await;
                 m.polls.get_or_create(&self.labels).inc();
                 let (u, r) = self
                     .shared
@@ -653,6 +665,9 @@ impl PoolTask {
                 }
                 match demand_of(&u, &r) {
                     Ok(c) => {
+                        if c.unclaimed > 0 || c.running > 0 {
+                            self.busy_at = Instant::now();
+                        }
                         self.failures = 0;
                         self.retry_after = None;
                         self.counts = Some(c);
@@ -674,9 +689,15 @@ impl PoolTask {
                             .flatten()
                             .filter_map(CircleCiError::retry_after)
                             .max();
+                        let rate_limited = matches!(e, CircleCiError::RateLimited { .. });
+                        if rate_limited {
+                            // Every pool of this host waits, not only this one.
+                            let d = self.retry_after.unwrap_or(spec.poll_interval);
+                            self.shared.gate.block(&host, d);
+                        }
                         self.poll = PollState::Failed {
                             message: e.to_string(),
-                            rate_limited: matches!(e, CircleCiError::RateLimited { .. }),
+                            rate_limited,
                             consecutive: self.failures,
                         };
                         None
@@ -697,7 +718,8 @@ impl PoolTask {
             let now = Timestamp::now();
             let warm = match (spec.forecast_percent, demand) {
                 (Some(p), Some(d)) => {
-                    self.forecast.observe(now, d.unclaimed.saturating_add(d.running));
+                    self.forecast
+                        .observe(now, d.unclaimed.saturating_add(d.running));
                     self.forecast.warm(now, p)
                 }
                 (Some(p), None) => self.forecast.warm(now, p),

@@ -233,7 +233,11 @@ pub fn plan(state: &mut State, input: &Input<'_>) -> Plan {
         && c.retire_booting
         && want < active
     {
-        booting.sort_by(|a, b| b.created_secs.cmp(&a.created_secs).then(b.name.cmp(&a.name)));
+        booting.sort_by(|a, b| {
+            b.created_secs
+                .cmp(&a.created_secs)
+                .then(b.name.cmp(&a.name))
+        });
         let n = ((active - want) as usize).min(booting.len());
         cancel = booting[..n].iter().map(|v| v.name.clone()).collect();
         cancel.sort();
@@ -712,6 +716,54 @@ mod tests {
     }
 
     #[test]
+    fn burst_boots_extra_vms_and_surplus_boots_are_cancelled_newest_first() {
+        let ctl = Controls {
+            burst_percent: 100,
+            ..c(0, 100)
+        };
+        assert_eq!(
+            wanted(
+                Demand {
+                    unclaimed: 18,
+                    running: 0
+                },
+                &ctl
+            ),
+            36,
+            "twice the waiting tasks"
+        );
+        assert_eq!(
+            wanted(
+                Demand {
+                    unclaimed: 0,
+                    running: 18
+                },
+                &ctl
+            ),
+            18
+        );
+        let mut vms: Vec<_> = (0..4)
+            .map(|i| {
+                let mut v = vm(&format!("p-{i}"), VmState::Booting);
+                v.ready = false;
+                v.created_secs = i;
+                v
+            })
+            .collect();
+        vms.push(vm("p-9", VmState::Active));
+        let keep = run(&mut State::default(), ctl, (1, 1), &vms, 0);
+        assert!(keep.cancel.is_empty(), "retire_booting off");
+        let on = Controls {
+            retire_booting: true,
+            ..ctl
+        };
+        let p = run(&mut State::default(), on, (1, 1), &vms, 0);
+        assert_eq!(p.desired, Some(3));
+        assert_eq!(p.cancel, ["p-2", "p-3"], "the two newest boots");
+        assert_eq!(p.replicas, 3);
+    }
+
+    #[test]
     fn max_surge_caps_vms_beyond_ready_ones() {
         let ctl = Controls {
             max_surge: Some(2),
@@ -735,13 +787,19 @@ mod tests {
     fn no_control_ever_implies_losing_a_busy_vm() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let states = [VmState::Active, VmState::Stopped, VmState::Terminating];
+        let states = [
+            VmState::Active,
+            VmState::Booting,
+            VmState::Stopped,
+            VmState::Terminating,
+        ];
         for _ in 0..20_000 {
             let n = rng.random_range(0..12);
             let vms: Vec<_> = (0..n)
                 .map(|i| {
-                    let mut v = vm(&format!("p-{i}"), states[rng.random_range(0..3)]);
-                    v.ready = rng.random_bool(0.5);
+                    let mut v = vm(&format!("p-{i}"), states[rng.random_range(0..4)]);
+                    v.ready = v.state == VmState::Active && rng.random_bool(0.5);
+                    v.created_secs = rng.random_range(0..100);
                     v
                 })
                 .collect();
@@ -754,6 +812,8 @@ mod tests {
                 max_surge: rng.random_bool(0.3).then(|| rng.random_range(1..4)),
                 scale_down_delay_secs: rng.random_range(0..3) * 30,
                 warm: rng.random_range(0..8),
+                burst_percent: rng.random_range(0..4) * 50,
+                retire_booting: rng.random_bool(0.5),
             };
             let demand = rng.random_bool(0.9).then(|| Demand {
                 unclaimed: rng.random_range(0..30),
@@ -772,12 +832,37 @@ mod tests {
                         now_secs: t * 20,
                     },
                 );
-                let active = vms.iter().filter(|v| v.state == VmState::Active).count() as u32;
+                // VMs that may hold a job: Active ones. Booting ones have no
+                // runner yet; they count for the size but may be cancelled.
+                let busy = vms.iter().filter(|v| v.state == VmState::Active).count() as u32;
+                let live = vms
+                    .iter()
+                    .filter(|v| matches!(v.state, VmState::Active | VmState::Booting))
+                    .count() as u32;
                 if demand.is_some() {
-                    assert!(p.replicas >= active, "{ctl:?} {vms:?} -> {p:?}");
-                    assert!(p.replicas <= ctl.max.max(active));
+                    assert!(p.replicas >= busy, "{ctl:?} {vms:?} -> {p:?}");
+                    assert!(
+                        p.replicas + p.cancel.len() as u32 >= live,
+                        "{ctl:?} {vms:?} -> {p:?}"
+                    );
+                    assert!(p.replicas <= ctl.max.max(live));
                 } else {
                     assert_eq!(p.replicas, current);
+                    assert!(p.cancel.is_empty(), "no cancelling without demand");
+                }
+                if !ctl.retire_booting {
+                    assert!(p.cancel.is_empty());
+                }
+                for r in &p.cancel {
+                    let v = vms
+                        .iter()
+                        .find(|v| &v.name == r)
+                        .expect("cancelled VM exists");
+                    assert_eq!(
+                        v.state,
+                        VmState::Booting,
+                        "only VMs without a guest are cancelled"
+                    );
                 }
                 for r in &p.retire {
                     let v = vms

@@ -51,7 +51,10 @@ pub fn parse_trace(text: &str) -> Result<Vec<Job>, String> {
             if i == 0 {
                 continue; // header
             }
-            return Err(format!("line {}: expected arrival_s,duration_s: {line:?}", i + 1));
+            return Err(format!(
+                "line {}: expected arrival_s,duration_s: {line:?}",
+                i + 1
+            ));
         };
         if !(arrival >= 0.0 && duration >= 0.0) {
             return Err(format!("line {}: negative or NaN values", i + 1));
@@ -233,6 +236,9 @@ pub fn reference_spec(spec: &ValidSpec) -> ValidSpec {
         scale_down_delay: Duration::ZERO,
         schedules: Vec::new(),
         forecast_percent: None,
+        burst_percent: 0,
+        retire_booting: false,
+        idle_poll_interval: Duration::ZERO,
         ..spec.clone()
     }
 }
@@ -248,9 +254,9 @@ pub fn simulate(jobs: &[Job], spec: &ValidSpec, choice: PolicyChoice, o: &SimOpt
         .iter()
         .filter(|j| horizon_ms.is_none_or(|h| ((j.arrival * 1000.0) as u64) < h))
         .collect();
-    let end_ms = horizon_ms.unwrap_or_else(|| jobs.last().map_or(0, |j| (j.arrival * 1000.0) as u64));
+    let end_ms =
+        horizon_ms.unwrap_or_else(|| jobs.last().map_or(0, |j| (j.arrival * 1000.0) as u64));
     let idle_ms = spec.idle_timeout.map(ms);
-    let poll = ms(o.poll).max(1);
     let (bmin, bmax) = (ms(o.boot_min), ms(o.boot_max).max(ms(o.boot_min)));
     let mut rng = StdRng::seed_from_u64(o.seed);
 
@@ -283,6 +289,7 @@ pub fn simulate(jobs: &[Job], spec: &ValidSpec, choice: PolicyChoice, o: &SimOpt
     let clip = |a: u64, b: u64| (b.min(end_ms).saturating_sub(a.min(end_ms))) as f64 / 3.6e6;
     let mut unclaimed_jobs = jobs.len();
     let mut next_sample = 0u64;
+    let mut busy_at = 0u64;
 
     // Starts the next queued job on VM `v` at `now`, or leaves it idle.
     macro_rules! take_or_idle {
@@ -297,7 +304,10 @@ pub fn simulate(jobs: &[Job], spec: &ValidSpec, choice: PolicyChoice, o: &SimOpt
             } else {
                 vms[v].generation += 1;
                 let generation = vms[v].generation;
-                vms[v].state = Vm::Idle { since: $now, generation };
+                vms[v].state = Vm::Idle {
+                    since: $now,
+                    generation,
+                };
                 if let Some(t) = idle_ms {
                     heap.push(Reverse(($now + t, Ev::IdleTimeout(v, generation))));
                 }
@@ -353,6 +363,9 @@ pub fn simulate(jobs: &[Job], spec: &ValidSpec, choice: PolicyChoice, o: &SimOpt
                     unclaimed: queue.len() as u32,
                     running,
                 };
+                if demand.unclaimed + demand.running > 0 {
+                    busy_at = now;
+                }
                 let wall = o
                     .start
                     .checked_add(jiff::SignedDuration::from_millis(now as i64))
@@ -419,13 +432,19 @@ pub fn simulate(jobs: &[Job], spec: &ValidSpec, choice: PolicyChoice, o: &SimOpt
                 // The pool (unmanaged scale-in) creates VMs up to replicas.
                 let live = vms.iter().filter(|v| v.deleted.is_none()).count() as u32;
                 for _ in live..replicas {
-                    let boot = if bmax > bmin { rng.random_range(bmin..=bmax) } else { bmin };
+                    let boot = if bmax > bmin {
+                        rng.random_range(bmin..=bmax)
+                    } else {
+                        bmin
+                    };
                     let k = vms.len();
                     vms.push(VmRec {
                         created: now,
                         ready_at: now + boot,
                         deleted: None,
-                        state: Vm::Booting { ready_at: now + boot },
+                        state: Vm::Booting {
+                            ready_at: now + boot,
+                        },
                         generation: 0,
                     });
                     r.vms_booted += 1;
@@ -445,11 +464,18 @@ pub fn simulate(jobs: &[Job], spec: &ValidSpec, choice: PolicyChoice, o: &SimOpt
                 }
                 // Stop once every job is claimed and the horizon is passed.
                 if unclaimed_jobs > 0 || now < end_ms {
-                    heap.push(Reverse((now + poll, Ev::Tick)));
+                    let quiet = Duration::from_millis(now - busy_at);
+                    let delay = crate::scaler::budget::poll_interval(
+                        o.poll,
+                        spec.idle_poll_interval,
+                        quiet,
+                    );
+                    heap.push(Reverse((now + ms(delay).max(1), Ev::Tick)));
                 }
             }
         }
-        if heap.iter().all(|Reverse((_, e))| *e != Ev::Tick) && unclaimed_jobs == 0 && now >= end_ms {
+        if heap.iter().all(|Reverse((_, e))| *e != Ev::Tick) && unclaimed_jobs == 0 && now >= end_ms
+        {
             break;
         }
     }
@@ -478,7 +504,18 @@ pub fn simulate(jobs: &[Job], spec: &ValidSpec, choice: PolicyChoice, o: &SimOpt
 pub fn table(rows: &[(&str, &SimResult)]) -> String {
     let mut out = format!(
         "{:<28} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>9} {:>8} {:>7} {:>6} {:>9}\n",
-        "policy", "jobs", "p50 s", "p95 s", "p99 s", "max s", "mean s", "VM-h", "idle VM-h", "booted", "killed", "API calls"
+        "policy",
+        "jobs",
+        "p50 s",
+        "p95 s",
+        "p99 s",
+        "max s",
+        "mean s",
+        "VM-h",
+        "idle VM-h",
+        "booted",
+        "killed",
+        "API calls"
     );
     for (label, r) in rows {
         let w = &r.wait_secs;
@@ -490,12 +527,5 @@ pub fn table(rows: &[(&str, &SimResult)]) -> String {
     out
 }
 
-pub mod plot {
-    //! PNG plot of a timeline.
-    use super::SimResult;
-
-    /// Writes the timeline of `r` as a PNG.
-    pub fn write_png(_r: &SimResult, p: &std::path::Path) -> Result<(), String> {
-        Err(format!("plotting is not available yet ({})", p.display()))
-    }
-}
+pub mod bench;
+pub mod plot;
