@@ -150,12 +150,12 @@ async fn runnerpool_schema_on_a_real_apiserver() {
 
     // --- a field the schema does not know is pruned, not stored -----------
     let mut v = valid("pruned");
-    v["spec"]["scaling"]["headroom"] = json!(2);
+    v["spec"]["scaling"]["noSuchField"] = json!(2);
     create(&api, v)
         .await
         .expect("accepted (unknown fields are pruned)");
     let raw = api.get("pruned").await.expect("read back");
-    assert!(raw.data["spec"]["scaling"].get("headroom").is_none());
+    assert!(raw.data["spec"]["scaling"].get("noSuchField").is_none());
 
     // --- the examples are accepted ----------------------------------------
     let root = env!("CARGO_MANIFEST_DIR");
@@ -275,6 +275,27 @@ async fn runnerpool_schema_on_a_real_apiserver() {
             "spec.scaling.minReplicas",
             "minReplicas must not be greater than maxReplicas",
         ],
+    )
+    .await;
+
+    let mut v = valid("delay-gt-idle");
+    v["spec"]["scaling"] = json!({"maxReplicas": 2, "idleTimeout": "1m", "scaleDownDelay": "5m"});
+    rejected(
+        &api,
+        "idleTimeout < scaleDownDelay",
+        v,
+        &["idleTimeout must be at least scaleDownDelay"],
+    )
+    .await;
+
+    let mut v = valid("dup-schedules");
+    let sch = json!({"name": "day", "start": "0 8 * * *", "end": "0 18 * * *"});
+    v["spec"]["scaling"] = json!({"maxReplicas": 2, "schedules": [sch.clone(), sch]});
+    rejected(
+        &api,
+        "duplicate schedules",
+        v,
+        &["schedule names must be unique"],
     )
     .await;
 
