@@ -36,8 +36,15 @@ pub struct Env {
 }
 
 /// Starts everything but the operator; creates namespace [`NS`] with the
-/// token Secrets [`API_SECRET`] and [`RUNNER_SECRET`].
+/// token Secrets [`API_SECRET`] and [`RUNNER_SECRET`]. VMs boot in 30..90
+/// simulated seconds.
 pub async fn env() -> Env {
+    env_with(Duration::from_secs(30), Duration::from_secs(90), SCALE).await
+}
+
+/// [`env`] with VM boot times uniform in `[boot_min, boot_max]` (simulated)
+/// and simulated time running `scale` times faster than wall time.
+pub async fn env_with(boot_min: Duration, boot_max: Duration, scale: f64) -> Env {
     rp_testenv::init_crypto();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -52,17 +59,16 @@ pub async fn env() -> Env {
     .await
     .expect("the control plane starts (build it with `make tools`)");
     let client = cp.client();
-    let circleci = CircleCiSim::start(CircleCiSimConfig::for_tests().with_time_scale(SCALE))
+    let circleci = CircleCiSim::start(CircleCiSimConfig::for_tests().with_time_scale(scale))
         .await
         .expect("CircleCI simulator starts");
     let kubevirt = KubeVirtSim::start(
         client.clone(),
         KubeVirtSimConfig {
-            time_scale: TimeScale(SCALE),
-            // 30..90 s simulated: 0.5..1.5 s wall.
+            time_scale: TimeScale(scale),
             boot_latency: BootLatency::Uniform {
-                min: Duration::from_secs(30),
-                max: Duration::from_secs(90),
+                min: boot_min,
+                max: boot_max,
             },
             seed: 42,
             ..Default::default()
