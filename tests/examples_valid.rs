@@ -18,7 +18,10 @@ fn yaml_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
 #[test]
 fn every_example_runnerpool_is_valid() {
     let mut files = Vec::new();
-    yaml_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples"), &mut files);
+    yaml_files(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("examples"),
+        &mut files,
+    );
     let mut pools = 0;
     for f in &files {
         let text = std::fs::read_to_string(f).unwrap();
@@ -27,8 +30,8 @@ fn every_example_runnerpool_is_valid() {
             if v["kind"] != "RunnerPool" {
                 continue;
             }
-            let p: runner_provisioner::crd::RunnerPool = serde_json::from_value(v)
-                .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            let p: runner_provisioner::crd::RunnerPool =
+                serde_json::from_value(v).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
             if let Err(e) = runner_provisioner::crd::validate(&p.spec) {
                 panic!("{}: {e:?}", f.display());
             }

@@ -126,9 +126,7 @@ mod tests {
         assert_eq!(f.warm(at("2026-12-11T16:10:00Z"), 50), 3);
         assert_eq!(f.warm(at("2026-12-11T12:00:00Z"), 100), 0);
         // A second week with the same peak: 7.5 -> 8.
-        for d in [10] {
-            f.observe(at("2026-12-11T17:30:00Z"), d);
-        }
+        f.observe(at("2026-12-11T17:30:00Z"), 10);
         f.observe(at("2026-12-11T18:00:00Z"), 0);
         assert_eq!(f.warm(at("2026-12-18T17:00:00Z"), 100), 8);
         // Stored and restored.
