@@ -512,36 +512,22 @@ pub async fn act(shared: &Shared, key: &PoolKey, current: u32, plan: &Plan) -> A
         }
     }
     let objects = shared.vms.objects(key);
-    for name in &plan.retire {
+    // Re-check each VM right before deleting it: a retired VM must still be
+    // powered off, a cancelled one must still not have started its guest; the
+    // delete's resourceVersion precondition fails if it moved on since then.
+    let todo = plan
+        .retire
+        .iter()
+        .map(|n| (n, policy::VmState::Stopped))
+        .chain(plan.cancel.iter().map(|n| (n, policy::VmState::Booting)));
+    for (name, expected) in todo {
         let Some(vm) = objects
             .iter()
             .find(|o| o.metadata.name.as_deref() == Some(name))
         else {
             continue;
         };
-        // Re-check right before deleting: never delete a VM that is not
-        // (or no longer) powered off.
-        if vm_view(vm).state != policy::VmState::Stopped {
-            continue;
-        }
-        match retire_vm(shared, key, vm).await {
-            Ok(true) => acted.retired += 1,
-            Ok(false) => {}
-            Err(e) => {
-                acted.error.get_or_insert(e);
-            }
-        }
-    }
-    for name in &plan.cancel {
-        let Some(vm) = objects
-            .iter()
-            .find(|o| o.metadata.name.as_deref() == Some(name))
-        else {
-            continue;
-        };
-        // Only a VM whose guest has not started; the delete's resourceVersion
-        // precondition fails if it moved on since this view.
-        if vm_view(vm).state != policy::VmState::Booting {
+        if vm_view(vm).state != expected {
             continue;
         }
         match retire_vm(shared, key, vm).await {
