@@ -32,6 +32,12 @@ lint:
 test: tools deps lint
 	$(CARGO) test --workspace --no-fail-fast
 
+## Benchmarks: policy quality on the real trace (target/bench/policy.json) and
+## controller cost with 100 and 1,000 RunnerPools (target/bench/controller-*.json).
+bench: tools
+	$(CARGO) bench --bench policy
+	$(MAKE) bench-controller
+
 ## Regenerate the checked-in RunnerPool CRD from the Rust types.
 crds:
 	$(CARGO) run --quiet -- crd > crds/runnerpool.yaml
@@ -46,9 +52,22 @@ env-up: tools
 env-down:
 	tests/support/env-down.sh
 
+## The one-command demo (see "The demo" in README.md): builds the operator and
+## rp-demo, then runs the operator against the control plane and both
+## simulators with demo/runnerpool.yaml, replaying 12 simulated hours of a real
+## CI trace at 240x (about 4 minutes), and prints a summary. Options go in
+## DEMO_ARGS, e.g. DEMO_ARGS=--short (2 simulated hours, about 1 minute) or
+## DEMO_ARGS='--time-scale 120 --hours 6'; `target/debug/rp-demo --help` lists them.
+DEMO_ARGS ?=
 demo: tools
-	@echo "make demo: the one-command demo (operator + example RunnerPool + a replayed CI trace)"
-	@echo "is built by the demo issue; until then use 'make env-up' to start the local environment."
+	$(CARGO) build --bin runner-provisioner -p runner-provisioner
+	$(CARGO) build -p rp-testenv --bin rp-demo
+	$${CARGO_TARGET_DIR:-target}/debug/rp-demo $(DEMO_ARGS)
+
+## The demo's CI mode (what tests/support/tests/demo.rs runs).
+.PHONY: demo-short
+demo-short:
+	$(MAKE) demo DEMO_ARGS='--short $(DEMO_ARGS)'
 
 ## Helm chart (charts/runner-provisioner).
 .PHONY: chart-crds chart-lint chart-test
@@ -70,3 +89,21 @@ chart-lint: tools
 ## render and example, the operator with the chart's RBAC.
 chart-test: tools
 	$(CARGO) test --test chart
+
+## Operator cost and scale (design.md §5): 100 then 1,000 RunnerPools against the
+## real control plane and the simulators, with the release operator. Prints a
+## table per run and writes target/bench/controller-<N>.json (and the
+## operator's log next to it). BENCH_CONTROLLER_POOLS / _ARGS override.
+.PHONY: bench-controller
+BENCH_CONTROLLER_TARGET := $(or $(CARGO_TARGET_DIR),target)
+BENCH_CONTROLLER_POOLS ?= 100 1000
+BENCH_CONTROLLER_ARGS ?=
+bench-controller: tools
+	$(CARGO) build --release -p runner-provisioner --bin runner-provisioner
+	$(CARGO) build --release -p rp-testenv --bin rp-bench-controller
+	mkdir -p target/bench
+	for n in $(BENCH_CONTROLLER_POOLS); do \
+	  $(BENCH_CONTROLLER_TARGET)/release/rp-bench-controller --pools $$n \
+	    --operator-bin $(BENCH_CONTROLLER_TARGET)/release/runner-provisioner \
+	    --output target/bench/controller-$$n.json $(BENCH_CONTROLLER_ARGS); \
+	done

@@ -8,6 +8,8 @@ pub mod circleci;
 pub mod controlplane;
 pub mod guest;
 pub mod kubevirt;
+pub mod localenv;
+pub mod replay;
 
 pub use controlplane::{ControlPlane, ControlPlaneOptions, init_crypto};
 pub use guest::{GuestBoot, GuestRuntime, PowerOff, TimeScale};

@@ -19,23 +19,14 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use clap::Parser;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::Client;
-use kube::api::{Api, Patch, PatchParams};
-use rp_testenv::circleci::{
-    CircleCiSim, CircleCiSimConfig, TEST_API_TOKEN, TEST_RESOURCE_CLASS, TEST_RUNNER_TOKEN,
+use rp_testenv::ControlPlane;
+use rp_testenv::circleci::{TEST_API_TOKEN, TEST_RESOURCE_CLASS, TEST_RUNNER_TOKEN};
+use rp_testenv::kubevirt::BootLatency;
+use rp_testenv::localenv::{
+    DEMO_NAMESPACE, LocalEnv, LocalEnvOptions, parse_boot_latency, parse_time_scale,
 };
-use rp_testenv::kubevirt::{self, BootLatency, KubeVirtSim, KubeVirtSimConfig};
-use rp_testenv::{ControlPlane, ControlPlaneOptions, TimeScale};
-use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 
-/// The namespace prepared for an example RunnerPool.
-const DEMO_NAMESPACE: &str = "ci-runners";
-/// Secret (key `token`) with the CircleCI API token.
-const API_TOKEN_SECRET: &str = "circleci-api";
-/// Secret (key `token`) with the runner token of `sim-org/linux`.
-const RUNNER_TOKEN_SECRET: &str = "sim-linux-runner";
 const FIELD_MANAGER: &str = "rp-env";
 
 /// The local environment: a real control plane, the KubeVirt simulator and
@@ -58,32 +49,6 @@ struct Args {
     /// random, logged at start).
     #[arg(long)]
     seed: Option<u64>,
-}
-
-fn parse_time_scale(s: &str) -> Result<f64, String> {
-    let f: f64 = s.parse().map_err(|e| format!("{e}"))?;
-    if f.is_finite() && f > 0.0 {
-        Ok(f)
-    } else {
-        Err("must be a positive number".into())
-    }
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| format!("{s:?}: {e}"))
-}
-
-fn parse_boot_latency(s: &str) -> Result<BootLatency, String> {
-    match s.split_once("..") {
-        None => Ok(BootLatency::Fixed(parse_duration(s)?)),
-        Some((lo, hi)) => {
-            let (min, max) = (parse_duration(lo)?, parse_duration(hi)?);
-            if min > max {
-                return Err(format!("{s:?}: the minimum is larger than the maximum"));
-            }
-            Ok(BootLatency::Uniform { min, max })
-        }
-    }
 }
 
 /// A value as a POSIX shell word: bare when it is safe, else single-quoted.
@@ -126,83 +91,16 @@ fn write_atomically(path: &Path, body: &str, mode: u32) -> Result<()> {
     Ok(())
 }
 
-/// The demo namespace and the Secrets an example RunnerPool refers to.
-async fn prepare_demo_namespace(client: &Client) -> Result<()> {
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .patch(
-            DEMO_NAMESPACE,
-            &pp,
-            &Patch::Apply(json!({
-                "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": DEMO_NAMESPACE},
-            })),
-        )
-        .await
-        .with_context(|| format!("creating namespace {DEMO_NAMESPACE}"))?;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), DEMO_NAMESPACE);
-    for (name, token, what) in [
-        (API_TOKEN_SECRET, TEST_API_TOKEN, "CircleCI API token"),
-        (
-            RUNNER_TOKEN_SECRET,
-            TEST_RUNNER_TOKEN,
-            "runner token of sim-org/linux",
-        ),
-    ] {
-        let secret = json!({
-            "apiVersion": "v1", "kind": "Secret",
-            "metadata": {
-                "name": name, "namespace": DEMO_NAMESPACE,
-                "annotations": {"rp-env/description": what},
-            },
-            "type": "Opaque",
-            "stringData": {"token": token},
-        });
-        secrets
-            .patch(name, &pp, &Patch::Apply(secret))
-            .await
-            .with_context(|| format!("creating Secret {DEMO_NAMESPACE}/{name}"))?;
-    }
-    Ok(())
-}
-
-/// Everything that runs; dropped in field order: simulators, then the
-/// control plane (whose `Drop` stops its processes).
-struct Env {
-    kubevirt: KubeVirtSim,
-    circleci: CircleCiSim,
-    cp: ControlPlane,
-}
-
-async fn start(args: &Args, dir: &Path, seed: u64) -> Result<Env> {
-    let cp = ControlPlane::start(ControlPlaneOptions {
-        crds: vec![kubevirt::crds_yaml().into()],
-    })
-    .await
-    .context("starting the control plane")?;
-    tracing::info!(
-        server = cp.server(),
-        dir = %cp.dir().display(),
-        startup_ms = cp.startup.as_millis() as u64,
-        "control plane up (KubeVirt CRDs installed); its logs are in that dir"
-    );
-    let client = cp.client();
-    prepare_demo_namespace(&client).await?;
-
-    let circleci =
-        CircleCiSim::start(CircleCiSimConfig::for_tests().with_time_scale(args.time_scale))
-            .await
-            .context("starting the CircleCI simulator")?;
-    let kv_config = KubeVirtSimConfig {
-        time_scale: TimeScale(args.time_scale),
+async fn start(args: &Args, dir: &Path, seed: u64) -> Result<LocalEnv> {
+    let env = LocalEnv::start(&LocalEnvOptions {
+        time_scale: args.time_scale,
         boot_latency: args.boot_latency.clone(),
         seed,
-        ..KubeVirtSimConfig::default()
-    };
-    let kubevirt = KubeVirtSim::start(client, kv_config, circleci.guest())
-        .await
-        .context("starting the KubeVirt simulator")?;
-    tracing::info!(config = ?kubevirt.config(), "KubeVirt simulator up");
+        extra_crds: Vec::new(),
+        field_manager: FIELD_MANAGER,
+    })
+    .await?;
+    let (cp, circleci) = (&env.cp, &env.circleci);
 
     let kubeconfig = dir.join("kubeconfig");
     let kc = std::fs::read_to_string(cp.kubeconfig()).context("reading the admin kubeconfig")?;
@@ -214,7 +112,7 @@ async fn start(args: &Args, dir: &Path, seed: u64) -> Result<Env> {
         .collect();
     write_atomically(&dir.join("control-plane.pids"), &pids, 0o644)?;
 
-    let env = env_file(&[
+    let env_text = env_file(&[
         ("KUBECONFIG", kubeconfig.display().to_string()),
         ("CIRCLECI_SIM_URL", circleci.base_url()),
         ("CIRCLECI_SIM_CONTROL_URL", circleci.control_url()),
@@ -226,12 +124,8 @@ async fn start(args: &Args, dir: &Path, seed: u64) -> Result<Env> {
         ("RP_CONTROL_PLANE_DIR", cp.dir().display().to_string()),
         ("RP_ENV_PID", std::process::id().to_string()),
     ]);
-    write_atomically(&dir.join("env"), &env, 0o600)?;
-    Ok(Env {
-        kubevirt,
-        circleci,
-        cp,
-    })
+    write_atomically(&dir.join("env"), &env_text, 0o600)?;
+    Ok(env)
 }
 
 fn remove_outputs(dir: &Path) {
@@ -308,17 +202,7 @@ async fn run(args: Args) -> Result<()> {
         Err(e) => tracing::error!("{e:#}: shutting down"),
     }
     remove_outputs(&dir);
-    let guests = env.kubevirt.guest_stats();
-    tracing::info!(
-        ?guests,
-        incidents = env.kubevirt.incidents().len(),
-        "stopping simulators"
-    );
-    drop(env.kubevirt);
-    drop(env.circleci);
-    tracing::info!("stopping the control plane");
-    drop(env.cp);
-    tracing::info!("stopped");
+    env.stop();
     result.map(|_| ())
 }
 
@@ -349,38 +233,6 @@ async fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn boot_latency_fixed_or_range() {
-        assert_eq!(
-            parse_boot_latency("30s"),
-            Ok(BootLatency::Fixed(Duration::from_secs(30)))
-        );
-        assert_eq!(
-            parse_boot_latency("120s..300s"),
-            Ok(BootLatency::Uniform {
-                min: Duration::from_secs(120),
-                max: Duration::from_secs(300)
-            })
-        );
-        assert_eq!(
-            parse_boot_latency("2m .. 5m"),
-            Ok(BootLatency::Uniform {
-                min: Duration::from_secs(120),
-                max: Duration::from_secs(300)
-            })
-        );
-        assert!(parse_boot_latency("300s..120s").is_err());
-        assert!(parse_boot_latency("soon").is_err());
-    }
-
-    #[test]
-    fn time_scale_must_be_positive() {
-        assert_eq!(parse_time_scale("60"), Ok(60.0));
-        assert!(parse_time_scale("0").is_err());
-        assert!(parse_time_scale("-1").is_err());
-        assert!(parse_time_scale("inf").is_err());
-    }
 
     #[test]
     fn env_file_quotes_only_what_needs_it() {
