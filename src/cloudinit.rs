@@ -10,6 +10,8 @@
 //!   - [`USER_DATA_PATH`]: the RunnerPool's `userData`, when there is one,
 //!   - [`DROPIN_PATH`]: the systemd drop-in (no restart, power off on exit,
 //!     output on the serial console, runner name = hostname),
+//!   - [`SUDOERS_PATH`]: passwordless sudo for the runner's user, only with
+//!     [`BootstrapConfig::grant_sudo`],
 //!   - [`BOOTSTRAP_SCRIPT_PATH`]: the bootstrap script ([`bootstrap_script`]);
 //! - `runcmd`: `sh <bootstrap script>`.
 //!
@@ -38,6 +40,10 @@ pub const USER_DATA_PATH: &str = "/var/lib/runner-provisioner/userdata";
 /// The systemd drop-in for `circleci-runner.service`.
 pub const DROPIN_PATH: &str =
     "/etc/systemd/system/circleci-runner.service.d/10-runner-provisioner.conf";
+/// The sudoers drop-in written when [`BootstrapConfig::grant_sudo`] is set.
+pub const SUDOERS_PATH: &str = "/etc/sudoers.d/90-circleci-runner";
+/// Its content: the package runs the agent as user `circleci`.
+pub const SUDOERS_LINE: &str = "circleci ALL=(ALL) NOPASSWD:ALL";
 /// Disk serial the operator gives the runner-bundle disk; the guest finds it
 /// as `/dev/disk/by-id/virtio-runner-bundle`.
 pub const RUNNER_BUNDLE_SERIAL: &str = "runner-bundle";
@@ -68,6 +74,8 @@ pub struct BootstrapConfig {
     pub command_prefix: Option<Vec<String>>,
     /// `runner.max_run_time`, in the agent's duration syntax.
     pub max_run_time: Option<String>,
+    /// Give the runner's user (`circleci`) passwordless sudo ([`SUDOERS_PATH`]).
+    pub grant_sudo: bool,
     /// The user's bash script (or any script with a `#!` line), run as root
     /// before the runner is installed. Empty or blank means none.
     pub user_script: Option<String>,
@@ -212,6 +220,9 @@ pub fn render_user_data(c: &BootstrapConfig) -> String {
         write_files.push(WriteFile::new(USER_DATA_PATH, "0700", script));
     }
     write_files.push(WriteFile::new(DROPIN_PATH, "0644", DROPIN.to_owned()));
+    if c.grant_sudo {
+        write_files.push(WriteFile::new(SUDOERS_PATH, "0440", SUDOERS_LINE.into()));
+    }
     write_files.push(WriteFile::new(
         BOOTSTRAP_SCRIPT_PATH,
         "0700",
@@ -354,6 +365,7 @@ mod tests {
             command_prefix: Some(vec![nasty.into(), "yes".into(), "".into()]),
             max_run_time: Some(nasty.into()),
             user_script: Some(nasty.into()),
+            grant_sudo: true,
             bundle: true,
             install_timeout: None,
         };
@@ -388,8 +400,12 @@ mod tests {
                 SETTINGS_PATH,
                 USER_DATA_PATH,
                 DROPIN_PATH,
+                SUDOERS_PATH,
                 BOOTSTRAP_SCRIPT_PATH
             ]
         );
+        let sudoers = files.iter().find(|(p, _, _)| p == SUDOERS_PATH).unwrap();
+        assert_eq!(sudoers.1, "0440", "sudo ignores a group- or world-writable file");
+        assert_eq!(sudoers.2, format!("{SUDOERS_LINE}\n"));
     }
 }

@@ -481,6 +481,13 @@ pub struct RunnerSpec {
     #[schemars(length(min = 1, max = 64))]
     #[x_kube(validation = Rule::new(format!("self.matches('{GO_DURATION_PATTERN}')")).message("must be a duration such as 30m or 5h (units: ns, us, ms, s, m, h)"))]
     pub max_run_time: Option<String>,
+
+    /// Give the runner's user (`circleci`) passwordless sudo inside the VM
+    /// (`/etc/sudoers.d/90-circleci-runner`), so jobs can install packages.
+    /// The VM runs one task and is then deleted, so this does not outlive the
+    /// job. Default: false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub grant_sudo: bool,
 }
 
 /// The runner-bundle containerDisk.

@@ -121,6 +121,15 @@ fn check_cloud_init_view(config: &BootstrapConfig) {
     assert_eq!(dropin.text(), systemd_dropin());
     assert_eq!(dropin.mode, 0o644);
 
+    let sudoers = files.iter().find(|f| f.path == SUDOERS_PATH);
+    if config.grant_sudo {
+        let sudoers = sudoers.expect("grantSudo writes the sudoers drop-in");
+        assert_eq!(sudoers.text(), format!("{SUDOERS_LINE}\n"));
+        assert_eq!(sudoers.mode, 0o440, "sudo ignores a writable sudoers file");
+    } else {
+        assert!(sudoers.is_none(), "no sudoers drop-in without grantSudo");
+    }
+
     let script = get(BOOTSTRAP_SCRIPT_PATH);
     assert_eq!(script.text(), bootstrap_script());
     assert_eq!(script.mode, 0o700);

@@ -315,6 +315,7 @@ fn installs_from_the_bundle_disk_and_starts_the_runner() {
         command_prefix: Some(vec![HOSTILE.into(), "--".into()]),
         max_run_time: Some("5h".into()),
         user_script: Some(user_script.clone()),
+        grant_sudo: true,
         bundle: true,
         install_timeout: None,
     };
@@ -363,6 +364,9 @@ fn installs_from_the_bundle_disk_and_starts_the_runner() {
 
     // The drop-in, and the unit started through systemctl (recorded); no poweroff.
     assert_eq!(rootfs.read(DROPIN_PATH), systemd_dropin());
+    assert_eq!(rootfs.read(SUDOERS_PATH), format!("{SUDOERS_LINE}\n"));
+    let sudoers = std::fs::metadata(rootfs.path(SUDOERS_PATH)).unwrap();
+    assert_eq!(sudoers.mode() & 0o7777, 0o440);
     assert_eq!(rootfs.recorded(), STARTED);
     assert_eq!(rootfs.console(), "", "nothing fatal on the console");
 

@@ -621,7 +621,7 @@ pools:
       pollInterval: 10s
       headroom: 1
       schedules: [{name: office-hours, start: "0 8 * * 1-5", end: "0 18 * * 1-5", minReplicas: 2}]
-    runner: {workingDirectory: /w, commandPrefix: [a], maxRunTime: 1h}
+    runner: {workingDirectory: /w, commandPrefix: [a], maxRunTime: 1h, grantSudo: true}
     userData: "echo"
     runnerBundle: {enabled: true, image: registry.example.com/bundle, tag: "1", imagePullPolicy: Always, imagePullSecret: pull}
     deletionPolicy: Delete
@@ -650,6 +650,7 @@ pools:
         "CRD spec fields the chart cannot set: {missing:?}"
     );
     assert_eq!(spec["scaling"]["headroom"], 1);
+    assert_eq!(spec["runner"]["grantSudo"], true);
     assert_eq!(spec["scaling"]["schedules"][0]["name"], "office-hours");
     assert_eq!(spec["circleci"]["apiUrl"], "https://circleci.internal");
     let r = pool(&m, "my-org-ref");
@@ -859,9 +860,9 @@ fn invalid_values_fail_with_a_clear_message() {
             "additional properties 'maxReplica' not allowed",
         ),
         (
-            "the reference chart's runner.grantSudo",
-            "circleToken: t\npoolDefaults: {runner: {grantSudo: true}}",
-            "additional properties 'grantSudo' not allowed",
+            "a runner option we do not have",
+            "circleToken: t\npoolDefaults: {runner: {grantSudoo: true}}",
+            "additional properties 'grantSudoo' not allowed",
         ),
         (
             "a shared name in poolDefaults",

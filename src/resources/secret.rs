@@ -53,6 +53,7 @@ pub fn bootstrap_config(pool: &RunnerPool, resolved: &ResolvedSecrets) -> Bootst
         working_directory: spec.runner.working_directory.clone(),
         command_prefix: spec.runner.command_prefix.clone(),
         max_run_time: spec.runner.max_run_time.clone(),
+        grant_sudo: spec.runner.grant_sudo,
         user_script: spec
             .user_data
             .clone()
@@ -160,6 +161,19 @@ mod tests {
         assert_eq!(c.max_run_time, None);
         assert_eq!(c.user_script, None);
         assert!(c.bundle);
+        assert!(!c.grant_sudo);
+    }
+
+    #[test]
+    fn grant_sudo_writes_the_sudoers_drop_in() {
+        let mut p = pool();
+        let off = userdata(&user_data_secret(&p, &resolved()).expect("builds"));
+        assert!(!off.contains(crate::cloudinit::SUDOERS_PATH), "{off}");
+        p.spec.runner.grant_sudo = true;
+        assert!(bootstrap_config(&p, &resolved()).grant_sudo);
+        let on = userdata(&user_data_secret(&p, &resolved()).expect("builds"));
+        assert!(on.contains(crate::cloudinit::SUDOERS_PATH), "{on}");
+        assert!(on.contains(crate::cloudinit::SUDOERS_LINE), "{on}");
     }
 
     #[test]

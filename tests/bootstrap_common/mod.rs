@@ -109,6 +109,7 @@ pub fn variants() -> Vec<(&'static str, BootstrapConfig)> {
                         .to_vec(),
                 ),
                 max_run_time: Some("2h".into()),
+                grant_sudo: true,
                 install_timeout: Some(Duration::from_secs(300)),
                 ..base.clone()
             },
@@ -123,6 +124,7 @@ pub fn variants() -> Vec<(&'static str, BootstrapConfig)> {
                 command_prefix: Some(vec![HOSTILE.into(), "yes".into(), "1:20".into()]),
                 max_run_time: Some(HOSTILE.into()),
                 user_script: Some(HOSTILE.into()),
+                grant_sudo: false,
                 bundle: true,
                 install_timeout: None,
             },
