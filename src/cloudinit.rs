@@ -405,7 +405,10 @@ mod tests {
             ]
         );
         let sudoers = files.iter().find(|(p, _, _)| p == SUDOERS_PATH).unwrap();
-        assert_eq!(sudoers.1, "0440", "sudo ignores a group- or world-writable file");
+        assert_eq!(
+            sudoers.1, "0440",
+            "sudo ignores a group- or world-writable file"
+        );
         assert_eq!(sudoers.2, format!("{SUDOERS_LINE}\n"));
     }
 }

@@ -22,7 +22,7 @@ use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, Resource};
+use kube::{Client, Resource, ResourceExt};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -179,7 +179,8 @@ pub async fn run(
             watcher(
                 scoped_dyn(&client, ns, &kubevirt::pool_resource()),
                 managed.clone(),
-            ),
+            )
+            .modify(kubevirt::slim_pool),
         )
         .default_backoff()
         .for_each(|_| std::future::ready(())),
@@ -213,6 +214,8 @@ pub async fn run(
         watcher::Config::default(),
     )
     .default_backoff()
+    // Nothing reads managedFields; they are half of a cached RunnerPool.
+    .modify(|p| p.managed_fields_mut().clear())
     .reflect(writer)
     .applied_objects()
     .predicate_filter(spec_or_lifecycle, Default::default());

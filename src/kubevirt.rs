@@ -99,6 +99,23 @@ pub fn pool_view(pool: &DynamicObject) -> PoolView {
     }
 }
 
+/// Trims a cached VirtualMachinePool to what [`pool_view`] and the
+/// controller's lookups read: metadata without `managedFields`,
+/// `spec.replicas` and the replica counts of `status`. The VM template and
+/// the managed fields are most of the object; with a thousand pools they
+/// would be most of the operator's memory.
+pub fn slim_pool(pool: &mut DynamicObject) {
+    pool.metadata.managed_fields = None;
+    let keep = |v: &Value, keys: &[&str]| -> serde_json::Map<String, Value> {
+        keys.iter()
+            .filter_map(|k| v.get(*k).map(|x| ((*k).to_owned(), x.clone())))
+            .collect()
+    };
+    let spec = keep(&pool.data["spec"], &["replicas"]);
+    let status = keep(&pool.data["status"], &["replicas", "readyReplicas"]);
+    pool.data = serde_json::json!({ "spec": spec, "status": status });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,6 +191,36 @@ mod tests {
         let v = vm_view(&vm(json!({}), true, &["other"]));
         assert!(!v.has_pool_finalizer);
         assert_eq!(vm_pool_name(&vm(json!({}), false, &[])), Some("p"));
+    }
+
+    #[test]
+    fn slim_pool_keeps_what_pool_view_reads() {
+        let mut p: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "pool.kubevirt.io/v1beta1",
+            "kind": "VirtualMachinePool",
+            "metadata": {
+                "name": "p", "namespace": "ns", "uid": "u",
+                "managedFields": [{"manager": "m", "operation": "Apply",
+                                   "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}}],
+            },
+            "spec": {"replicas": 4, "virtualMachineTemplate": {"spec": {"runStrategy": "Once"}}},
+            "status": {"replicas": 3, "readyReplicas": 2, "labelSelector": "x=y"},
+        }))
+        .unwrap();
+        let before = pool_view(&p);
+        slim_pool(&mut p);
+        assert_eq!(pool_view(&p), before);
+        assert_eq!(before.spec_replicas, 4);
+        assert!(p.metadata.managed_fields.is_none());
+        assert_eq!(p.metadata.uid.as_deref(), Some("u"));
+        assert!(p.data["spec"].get("virtualMachineTemplate").is_none());
+        assert!(p.data["status"].get("labelSelector").is_none());
+
+        // A missing spec.replicas stays missing (KubeVirt reads it as 1).
+        let mut q: DynamicObject =
+            serde_json::from_value(json!({"metadata": {"name": "q"}, "spec": {}})).unwrap();
+        slim_pool(&mut q);
+        assert_eq!(pool_view(&q).spec_replicas, 1);
     }
 
     #[test]
