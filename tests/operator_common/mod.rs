@@ -258,17 +258,7 @@ impl Operator {
 
     /// SIGTERM and wait (graceful shutdown).
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        let mut c = self.child.take()?;
-        let _ = nix_kill(c.id(), "TERM");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(s)) = c.try_wait() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = c.kill();
-        c.wait().ok()
+        rp_testenv::operator_bin::terminate(self.child.take()?, Duration::from_secs(20))
     }
 
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
@@ -276,13 +266,6 @@ impl Operator {
             .as_mut()
             .and_then(|c| c.try_wait().ok().flatten())
     }
-}
-
-fn nix_kill(pid: u32, sig: &str) -> std::io::Result<std::process::ExitStatus> {
-    Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
 }
 
 impl Drop for Operator {

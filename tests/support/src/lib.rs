@@ -9,6 +9,7 @@ pub mod controlplane;
 pub mod guest;
 pub mod kubevirt;
 pub mod localenv;
+pub mod operator_bin;
 pub mod replay;
 
 pub use controlplane::{ControlPlane, ControlPlaneOptions, init_crypto};

@@ -15,40 +15,12 @@ fn repo_root() -> PathBuf {
     p.canonicalize().unwrap_or(p)
 }
 
-/// `target/debug/runner-provisioner`, built with
-/// `cargo build -p runner-provisioner --bin runner-provisioner` if it is not
-/// there.
+/// The debug operator (next to rp-bench-controller), built when missing.
 fn operator_binary(root: &Path) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map(|t| if t.is_absolute() { t } else { root.join(t) })
-        .unwrap_or_else(|| root.join("target"));
-    let bin = target.join("debug").join("runner-provisioner");
-    if bin.is_file() {
-        return bin;
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(&cargo)
-        .args([
-            "build",
-            "-p",
-            "runner-provisioner",
-            "--bin",
-            "runner-provisioner",
-        ])
-        .current_dir(root)
-        .output()
-        .unwrap_or_else(|e| panic!("running {cargo:?} build: {e}"));
-    assert!(
-        out.status.success() && bin.is_file(),
-        "the operator binary is missing and `cargo build -p runner-provisioner \
-         --bin runner-provisioner` (in {}) did not produce {}: {}\n{}",
-        root.display(),
-        bin.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    bin
+    rp_testenv::operator_bin::operator_binary_next_to(
+        Path::new(env!("CARGO_BIN_EXE_rp-bench-controller")),
+        root,
+    )
 }
 
 fn num(v: &Value, path: &str) -> f64 {

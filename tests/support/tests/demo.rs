@@ -18,33 +18,10 @@ const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 const TIMEOUT: Duration = Duration::from_secs(180);
 
 fn operator_bin() -> PathBuf {
-    let bin = Path::new(env!("CARGO_BIN_EXE_rp-demo"))
-        .parent()
-        .expect("rp-demo has a directory")
-        .join("runner-provisioner");
-    if bin.is_file() {
-        return bin;
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("demo test: {} is missing; building it", bin.display());
-    let status = Command::new(&cargo)
-        .args([
-            "build",
-            "-p",
-            "runner-provisioner",
-            "--bin",
-            "runner-provisioner",
-        ])
-        .current_dir(REPO)
-        .status()
-        .unwrap_or_else(|e| panic!("running {cargo}: {e}"));
-    assert!(
-        status.success() && bin.is_file(),
-        "the operator binary {} is missing and `cargo build --bin runner-provisioner` failed ({status}); \
-         build it first (make demo does)",
-        bin.display()
-    );
-    bin
+    rp_testenv::operator_bin::operator_binary_next_to(
+        Path::new(env!("CARGO_BIN_EXE_rp-demo")),
+        Path::new(REPO),
+    )
 }
 
 #[test]
