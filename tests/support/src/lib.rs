@@ -14,3 +14,24 @@ pub mod replay;
 
 pub use controlplane::{ControlPlane, ControlPlaneOptions, init_crypto};
 pub use guest::{GuestBoot, GuestRuntime, PowerOff, TimeScale};
+
+/// Polls `check` every `every` until it returns true; panics with `what`
+/// when `timeout` passes first.
+pub async fn wait_until<F, Fut>(
+    what: &str,
+    timeout: std::time::Duration,
+    every: std::time::Duration,
+    mut check: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(every).await;
+    }
+}

@@ -66,6 +66,11 @@ impl Guest {
     }
 }
 
+/// GET `url` and decode its JSON body.
+async fn get_json<T: serde::de::DeserializeOwned>(c: &reqwest::Client, url: String) -> T {
+    c.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 fn boot(guest: &Arc<dyn GuestRuntime>, vm: &str, user_data: Option<String>) -> Guest {
     let uid = format!("uid-{vm}-{}", rand::random::<u32>());
     let powered_off_at = Arc::new(Mutex::new(None));
@@ -825,14 +830,7 @@ async fn control_api_round_trip() {
     .await
     .unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
-    let faults: Value = c
-        .get(format!("{ctl}/faults"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let faults: Value = get_json(&c, format!("{ctl}/faults")).await;
     assert_eq!(faults.as_array().unwrap().len(), 1);
     let r = api("/api/v3/runner/tasks?resource-class=acme/big")
         .await
@@ -846,33 +844,12 @@ async fn control_api_round_trip() {
     .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 
-    let counts: Value = c
-        .get(format!("{ctl}/counts?resource-class=acme%2Fbig"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let counts: Value = get_json(&c, format!("{ctl}/counts?resource-class=acme%2Fbig")).await;
     assert_eq!(counts, json!({"unclaimed": 3, "running": 0}));
-    let ledger: Vec<TaskRecord> = c
-        .get(format!("{ctl}/ledger"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ledger: Vec<TaskRecord> = get_json(&c, format!("{ctl}/ledger")).await;
     assert_eq!(ledger.len(), 3);
     assert_eq!(ledger[0].label.as_deref(), Some("build"));
-    let stats: rp_testenv::circleci::RequestStats = c
-        .get(format!("{ctl}/requests"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: rp_testenv::circleci::RequestStats = get_json(&c, format!("{ctl}/requests")).await;
     assert_eq!(stats.count("acme/big", Endpoint::UnclaimedTasks), 2);
     assert_eq!(stats.with_status(504), 1);
 
@@ -884,14 +861,7 @@ async fn control_api_round_trip() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
     assert_eq!(sim.settings().concurrency_limit, Some(4));
-    let clock: Value = c
-        .get(format!("{ctl}/clock"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let clock: Value = get_json(&c, format!("{ctl}/clock")).await;
     assert_eq!(clock["time_scale"], 100.0);
 
     let r = post("/reset", json!({})).await.unwrap();

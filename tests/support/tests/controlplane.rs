@@ -2,7 +2,7 @@
 //! are enforced, the garbage collector and namespace controller work, and
 //! nothing survives a drop.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
@@ -38,16 +38,12 @@ spec:
               class: {type: string, pattern: '^[a-z0-9_-]+/[A-Za-z0-9:_+-]+$'}
 "#;
 
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+async fn eventually<F, Fut>(what: &str, timeout: Duration, f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + timeout;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    rp_testenv::wait_until(what, timeout, Duration::from_millis(200), f).await
 }
 
 #[tokio::test]

@@ -92,16 +92,12 @@ fn gone(pid: u32) -> bool {
     proc_stat(pid).is_none_or(|(state, _)| state == 'Z' || state == 'X')
 }
 
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+async fn eventually<F, Fut>(what: &str, timeout: Duration, f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + timeout;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    rp_testenv::wait_until(what, timeout, Duration::from_millis(100), f).await
 }
 
 #[tokio::test]

@@ -249,16 +249,12 @@ impl Env {
     }
 }
 
-async fn eventually<F, Fut>(what: &str, mut f: F)
+async fn eventually<F, Fut>(what: &str, f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    rp_testenv::wait_until(what, Duration::from_secs(30), Duration::from_millis(50), f).await
 }
 
 /// Asserts `f` holds now and keeps holding for `for_` (things that must not happen).
