@@ -629,6 +629,10 @@ async fn default_scale_in_kills_random_guests_and_leaves_terminating_vms() {
         env.pools(&ns).get_opt("p").await.unwrap().is_none() && env.vm_names(&ns).await.is_empty()
     })
     .await;
+    eventually("their guests vanished", || async {
+        env.guest.vanished().len() >= 5
+    })
+    .await;
     assert_eq!(env.guest.vanished().len(), 5);
     assert_eq!(env.sim.guest_stats().vanishes, 5);
 }
@@ -672,6 +676,12 @@ async fn scale_in_sort_policies_pick_by_ordinal_and_age() {
     assert_eq!(results.1, ("DescendingOrder", names(&["p-0"])));
     assert_eq!(results.2, ("Oldest", names(&["p-2"])));
     assert_eq!(results.3, ("Newest", names(&["p-0"])));
+    // A VM leaves the live list when its deletion starts; its guest vanishes
+    // a moment later, when the VMI goes.
+    eventually("the scaled-in guests vanished", || async {
+        env.guest.vanished().len() >= 8
+    })
+    .await;
     assert_eq!(
         env.guest.vanished().len(),
         8,
